@@ -1,0 +1,20 @@
+"""The one error type users see: a clear, one-line message naming the problem and what is allowed."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class SubspacesError(ValueError):
+    """Bad input to subspaces (unknown name, bad hyperparameter, unreadable file, ...).
+
+    A ValueError, so ordinary ``except ValueError`` code keeps working; the command line turns it into a
+    one-line message and exit status 2.
+    """
+
+
+def did_you_mean(name: str, choices: Iterable[str]) -> str:
+    choices = sorted(choices)
+    close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    return f"{hint} Valid: {', '.join(choices)}."

@@ -1,0 +1,290 @@
+"""The adapter machinery written once: attach, disable, fold, detach, trainable parameters, save and load.
+
+A method supplies a frozen config dataclass (``AdapterConfig``) whose ``build(layer)`` returns a ``Delta``:
+a small module giving ``weight()`` -> ΔW in the layout of ``layer.weight`` and ``forward(x)`` -> the branch
+output, computed without materializing ΔW where the math allows.
+
+Attach mechanism: the delta becomes the child ``delta`` of the adapted layer and a forward hook adds its
+output, so the layer keeps its class and its state-dict keys; after ``fold_`` the state dict has exactly the
+original keys again.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .._errors import SubspacesError
+from .._registry import ADAPTERS
+from .._targets import Selector, select
+
+DELTA = "delta"  # child-module name of the delta inside an adapted layer
+_STATE = "_subspaces_state"  # per-model record: requires_grad flags before adapting, modules_to_save
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdapterConfig:
+    """Base class of adapter configs. Subclasses validate their fields in ``__post_init__``."""
+
+    registry_name: ClassVar[str]
+
+    def build(self, layer: nn.Module, *, init: bool = True) -> Delta:
+        """A delta for ``layer``; ``init=False`` skips costly initialization (the state is loaded next)."""
+        raise NotImplementedError
+
+    def num_trainable(self, layer: nn.Module) -> int:
+        """The paper's trainable-parameter count for one adapted layer."""
+        raise NotImplementedError
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise SubspacesError(f"unknown {cls.__name__} field(s) {unknown}; valid: {sorted(names)}")
+        return cls(**d)
+
+
+class Delta(nn.Module):
+    """The trainable part of one adapted layer."""
+
+    active: bool = True
+
+    def weight(self) -> torch.Tensor:
+        """ΔW with the shape and layout of the base layer's weight."""
+        raise NotImplementedError
+
+    def offset(self) -> torch.Tensor | None:
+        """A term moved out of the base weight at attach (W ← W - offset), e.g. PiSSA's principal part."""
+        return None
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The adapted output: base ``output`` plus this branch applied to the layer input ``x``."""
+        return output + self(x).to(output.dtype)
+
+
+def _hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
+    delta = layer._modules.get(DELTA)
+    if delta is None or not delta.active:
+        return None
+    return delta.add_to(output, args[0])
+
+
+def adapted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``(name, layer)`` for every layer of ``model`` that carries a delta."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m._modules.get(DELTA), Delta)]
+
+
+def _as_config(method_or_config: str | AdapterConfig, hyperparameters: dict) -> AdapterConfig:
+    if isinstance(method_or_config, AdapterConfig):
+        return dataclasses.replace(method_or_config, **hyperparameters) if hyperparameters else method_or_config
+    cls = ADAPTERS.get(method_or_config).obj
+    try:
+        return cls(**hyperparameters)
+    except TypeError as e:  # unknown keyword
+        names = sorted(f.name for f in dataclasses.fields(cls))
+        raise SubspacesError(f"{method_or_config}: {e}; hyperparameters: {', '.join(names)}") from None
+
+
+def _freeze(model: nn.Module) -> dict:
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        flags = {n: p.requires_grad for n, p in model.named_parameters()}
+        state = {"requires_grad": flags, "modules_to_save": []}
+        model.__dict__[_STATE] = state
+        model.requires_grad_(False)
+    return state
+
+
+def _attach(layer: nn.Module, name: str, config: AdapterConfig, *, init: bool) -> Delta:
+    if DELTA in layer._modules:
+        raise SubspacesError(f"{name} is already adapted; fold_ or unadapt_ it first")
+    try:
+        delta = config.build(layer, init=init)
+    except SubspacesError as e:
+        raise SubspacesError(f"{name}: {e}") from None
+    delta.config = config
+    layer.add_module(DELTA, delta)
+    delta._handle = layer.register_forward_hook(_hook)
+    return delta
+
+
+def _apply_offset(layer: nn.Module, sign: int) -> None:
+    off = layer._modules[DELTA].offset()
+    if off is not None:
+        with torch.no_grad():
+            layer.weight.add_(off.to(layer.weight.dtype), alpha=sign)
+
+
+def _set_modules_to_save(model: nn.Module, state: dict, selector: Sequence[str] | None) -> None:
+    if not selector:
+        return
+    chosen = select(model, list(selector))
+    for name, module in chosen:
+        module.requires_grad_(True)
+        if name not in state["modules_to_save"]:
+            state["modules_to_save"].append(name)
+
+
+def adapt_(
+    model: nn.Module,
+    method_or_config: str | AdapterConfig,
+    *,
+    targets: Selector,
+    exclude: Selector | None = None,
+    modules_to_save: Sequence[str] | None = None,
+    **hyperparameters: Any,
+) -> nn.Module:
+    """Freeze ``model`` and attach an adapter to every module selected by ``targets`` (in place).
+
+    ``method_or_config`` is a registry key (``"lora"``) with its hyperparameters as keywords, or a config
+    object (``ss.adapters.LoRA(rank=8)``). ``modules_to_save`` (PEFT's name) lists modules trained in full
+    alongside the adapter and saved with it, e.g. a fresh classification head.
+    """
+    config = _as_config(method_or_config, hyperparameters)
+    chosen = select(model, targets, exclude)
+    state = _freeze(model)
+    done = []
+    try:
+        for name, layer in chosen:
+            _attach(layer, name, config, init=True)
+            _apply_offset(layer, -1)
+            done.append(layer)
+    except BaseException:
+        for layer in done:  # leave the model as it was
+            _detach(layer, restore=True)
+        if not adapted_layers(model):
+            _restore(model)
+        raise
+    _set_modules_to_save(model, state, modules_to_save)
+    return model
+
+
+def _detach(layer: nn.Module, *, restore: bool) -> None:
+    if restore:
+        _apply_offset(layer, +1)
+    delta = layer._modules.pop(DELTA)
+    delta._handle.remove()
+
+
+def _restore(model: nn.Module) -> None:
+    state = model.__dict__.pop(_STATE, None)
+    if state is not None:
+        for n, p in model.named_parameters():
+            p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
+
+
+def fold_(model: nn.Module) -> nn.Module:
+    """Bake every adapter into its layer's weight (W ← W + ΔW) and remove it; the state dict then has exactly
+    the original keys. ``requires_grad`` flags return to what they were before ``adapt_``."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise SubspacesError("fold_: the model has no adapter")
+    with torch.no_grad():
+        for _, layer in layers:
+            dw = layer._modules[DELTA].weight()
+            layer.weight.add_(dw.to(layer.weight.dtype))
+            _detach(layer, restore=False)
+    _restore(model)
+    return model
+
+
+def unadapt_(model: nn.Module) -> nn.Module:
+    """Remove every adapter without folding it, giving back the base model as it was."""
+    for _, layer in adapted_layers(model):
+        _detach(layer, restore=True)
+    _restore(model)
+    return model
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base (adapters bypassed, nothing removed)."""
+    deltas = [layer._modules[DELTA] for _, layer in adapted_layers(model)]
+    before = [d.active for d in deltas]
+    for d in deltas:
+        d.active = False
+    try:
+        if any(d.offset() is not None for d in deltas):
+            raise SubspacesError("adapters_disabled: an adapter moved part of the base weight (init='pissa'); "
+                                 "use unadapt_ to get the base model back")
+        yield model
+    finally:
+        for d, b in zip(deltas, before):
+            d.active = b
+
+
+def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The trainable parameters of every adapter, plus those of ``modules_to_save``."""
+    params: list[nn.Parameter] = []
+    for _, layer in adapted_layers(model):
+        params += [p for p in layer._modules[DELTA].parameters() if p.requires_grad]
+    modules = dict(model.named_modules())
+    for name in model.__dict__.get(_STATE, {}).get("modules_to_save", []):
+        params += [p for p in modules[name].parameters() if p.requires_grad]
+    return params
+
+
+def adapter_state(model: nn.Module) -> tuple[dict[str, dict], list[str], dict[str, torch.Tensor]]:
+    """(per-layer ``{"method", "config"}``, modules_to_save, tensors keyed as in ``model.state_dict()``)."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise SubspacesError("the model has no adapter to save")
+    modules = {}
+    tensors = {}
+    for name, layer in layers:
+        delta = layer._modules[DELTA]
+        modules[name] = {"method": delta.config.registry_name, "config": delta.config.to_dict()}
+        tensors.update({f"{name}.{DELTA}.{k}": v for k, v in delta.state_dict().items()})
+    saved = list(model.__dict__.get(_STATE, {}).get("modules_to_save", []))
+    all_modules = dict(model.named_modules())
+    for name in saved:
+        tensors.update({f"{name}.{k}": v for k, v in all_modules[name].state_dict().items()})
+    return modules, saved, tensors
+
+
+def attach_state(model: nn.Module, modules: dict[str, dict], saved: list[str],
+                 tensors: dict[str, torch.Tensor], source: str) -> nn.Module:
+    """Inverse of ``adapter_state``: attach each layer's delta, load the tensors, re-apply base offsets."""
+    named = dict(model.named_modules())
+    missing = [n for n in list(modules) + list(saved) if n not in named]
+    if missing:
+        raise SubspacesError(f"{source}: the model has no module {missing[0]!r} (the adapter was made for "
+                             "another architecture?)")
+    state = _freeze(model)
+    attached = []
+    try:
+        for name, spec in modules.items():
+            cls = ADAPTERS.get(spec["method"]).obj
+            _attach(named[name], name, cls.from_dict(spec["config"]), init=False)
+            attached.append(named[name])
+        own = model.state_dict()
+        unexpected = sorted(set(tensors) - set(own))
+        if unexpected:
+            raise SubspacesError(f"{source}: tensor {unexpected[0]!r} has no place in the model")
+        for k, v in tensors.items():
+            if own[k].shape != v.shape:
+                raise SubspacesError(f"{source}: tensor {k!r} has shape {tuple(v.shape)}, "
+                                     f"the model expects {tuple(own[k].shape)}")
+        needed = {k for k in own if f".{DELTA}." in k and any(k.startswith(n + ".") for n in modules)}
+        absent = sorted(needed - set(tensors))
+        if absent:
+            raise SubspacesError(f"{source}: tensor {absent[0]!r} is missing")
+        model.load_state_dict(tensors, strict=False)
+    except BaseException:
+        for layer in attached:
+            _detach(layer, restore=False)
+        if not adapted_layers(model):
+            _restore(model)
+        raise
+    for layer in attached:
+        _apply_offset(layer, -1)
+    _set_modules_to_save(model, state, saved)
+    return model

@@ -1,0 +1,1 @@
+"""Formats and engines other tools speak: PEFT adapters, the Hugging Face Trainer."""
