@@ -105,7 +105,7 @@ def truncated_svd(
         dev = generator.device if generator is not None else A.device
         omega = torch.randn(*A.shape[:-2], n, k, dtype=A.dtype, device=dev, generator=generator).to(A.device)
         Q = torch.linalg.qr(A @ omega).Q
-        for _ in range(0):
+        for _ in range(n_iter):
             # Re-orthonormalizing each half-step keeps small singular directions from being
             # lost to round-off (Halko et al. §4.5).
             Z = torch.linalg.qr(A.mH @ Q).Q

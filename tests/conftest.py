@@ -1,0 +1,111 @@
+"""Shared tiny models for the adapter tests: random-init, fp32, fixed seeds, dropout off."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+VOCAB = 100
+
+
+def bert_seqcls(seed: int = 0, num_labels: int = 3) -> nn.Module:
+    """Tiny random BertForSequenceClassification (hidden 32, 2 layers, 2 heads), eval mode."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                     vocab_size=VOCAB, max_position_embeddings=64, num_labels=num_labels,
+                     hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    return BertForSequenceClassification(cfg).float().eval()
+
+
+def llama_causal(seed: int = 0) -> nn.Module:
+    """Tiny random LlamaForCausalLM (hidden 32, 2 layers, 4 heads, 2 kv heads), eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=64,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).float().eval()
+
+
+class Plain(nn.Module):
+    """A small plain-torch model touching every layer type LoRA supports: Embedding, Conv1d, Conv2d, Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(VOCAB, 16)
+        self.conv1 = nn.Conv1d(16, 12, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv2d(3, 8, kernel_size=3, stride=2, padding=1)
+        self.fc1 = nn.Linear(12 + 8, 24)
+        self.fc2 = nn.Linear(24, 10)
+
+    def forward(self, ids: torch.Tensor, img: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids).transpose(1, 2)              # (N, 16, L)
+        h = self.conv1(h).mean(-1)                     # (N, 12)
+        g = self.conv2(img).mean((-2, -1))             # (N, 8)
+        return self.fc2(torch.relu(self.fc1(torch.cat([h, g], -1))))
+
+
+def plain(seed: int = 0) -> Plain:
+    torch.manual_seed(seed)
+    return Plain().float().eval()
+
+
+def ids(batch: int = 2, length: int = 7, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, VOCAB, (batch, length), generator=g)
+
+
+def plain_inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (2, 9), generator=g), torch.randn(2, 3, 10, 10, generator=g)
+
+
+def logits(model: nn.Module, x) -> torch.Tensor:
+    with torch.no_grad():
+        if isinstance(x, tuple):
+            return model(*x)
+        return model(input_ids=x).logits
+
+
+def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.1) -> None:
+    """Give every adapter tensor a nonzero random value so tests see the branch."""
+    from subspaces.adapters._core import DELTA, adapted_layers
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, layer in adapted_layers(model):
+            for p in layer._modules[DELTA].parameters():
+                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
+
+
+def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def grad_flags(model: nn.Module) -> dict[str, bool]:
+    return {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+@pytest.fixture
+def tiny_bert():
+    return bert_seqcls()
+
+
+@pytest.fixture
+def tiny_llama():
+    return llama_causal()
+
+
+@pytest.fixture
+def tiny_plain():
+    return plain()
+
+
+@pytest.fixture
+def clone():
+    return copy.deepcopy
