@@ -44,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -51,6 +52,7 @@ from typing import Any, Callable
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+warnings.filterwarnings("ignore", category=FutureWarning)  # transformers deprecations raised inside peft
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -235,6 +237,23 @@ def make_step(model: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> Call
     return step
 
 
+def saved_activation_mib(model: nn.Module, batch: dict, params: list[nn.Parameter]) -> float:
+    """MiB of distinct tensor storages autograd saves for backward in one training forward (noise-free)."""
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        st = t.untyped_storage()
+        sizes[st.data_ptr()] = max(sizes.get(st.data_ptr(), 0), st.nbytes())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_of(model, batch)
+    loss.backward()
+    for p in params:
+        p.grad = None
+    return sum(sizes.values()) / MIB
+
+
 def make_forward(model: nn.Module, batch: dict) -> Callable[[], None]:
     def fwd() -> None:
         with torch.no_grad():
@@ -334,6 +353,8 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device, dtyp
     # Training step time, interleaved.
     for m in (ours, peft_model):
         m.train()
+    saved = {"subspaces": saved_activation_mib(ours, wl.train_batch, p_ours),
+             "peft": saved_activation_mib(peft_model, wl.train_batch, p_peft)}
     opt_o = torch.optim.AdamW(p_ours, lr=LR)
     opt_p = torch.optim.AdamW(p_peft, lr=LR)
     steps = {"subspaces": make_step(ours, opt_o, wl.train_batch), "peft": make_step(peft_model, opt_p, wl.train_batch)}
@@ -363,7 +384,7 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device, dtyp
         fold_diff = (logits_of(folded, wl.fwd_batch).float() - logits_of(ours, wl.fwd_batch).float()).abs().max().item()
     fwd = {"base": make_forward(base, wl.fwd_batch), "adapted": make_forward(ours, wl.fwd_batch),
            "folded": make_forward(folded, wl.fwd_batch), "peft_adapted": make_forward(peft_model, wl.fwd_batch)}
-    ft = interleave(fwd, args.warmup, args.steps, device)
+    ft = interleave(fwd, args.warmup, args.fwd_steps, device)
 
     step_ratio = _median_ms(tt["subspaces"]) / _median_ms(tt["peft"])
     mem_ratio = mem["subspaces"]["peak_increase_mib"] / mem["peft"]["peak_increase_mib"]
@@ -375,7 +396,7 @@ def run_workload(name: str, args: argparse.Namespace, device: torch.device, dtyp
         "train_step_ms": {k: _median_ms(v) for k, v in tt.items()},
         "train_step_all_ms": {k: [round(x * 1e3, 3) for x in v] for k, v in tt.items()},
         "step_ratio": step_ratio, "step_ratio_paired": _paired(tt["subspaces"], tt["peft"]),
-        "memory": mem, "memory_ratio": mem_ratio,
+        "memory": mem, "memory_ratio": mem_ratio, "saved_for_backward_mib": saved,
         "forward_ms": {k: _median_ms(v) for k, v in ft.items()},
         "forward_all_ms": {k: [round(x * 1e3, 3) for x in v] for k, v in ft.items()},
         "folded_over_base": _median_ms(ft["folded"]) / _median_ms(ft["base"]),
@@ -434,6 +455,13 @@ def machine(device: torch.device) -> dict[str, Any]:
     return info
 
 
+def _loadavg() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
 def _mark(v: str) -> str:
     return {"met": "✅", "within noise": "≈", "missed": "❌"}.get(v, v)
 
@@ -451,8 +479,11 @@ def render_section(report: dict) -> str:
         f"{m['date']}. Command: `{report['command']}`.",
         "",
         f"LoRA r={RANK}, alpha={ALPHA}, no dropout, AdamW (lr {LR}); identical initial A and B in both "
-        f"libraries. Medians of {a['steps']} interleaved steps after {a['warmup']} warm-up rounds; "
-        f"memory over {a['mem_steps']} training steps.",
+        f"libraries. Medians of {a['steps']} interleaved training steps and {a['fwd_steps']} forward rounds "
+        f"after {a['warmup']} warm-up rounds; memory over {a['mem_steps']} training steps. Load average "
+        f"(1 min) at start / end: {_fmt_load(report.get('loadavg_start'))} / {_fmt_load(report.get('loadavg_end'))} "
+        f"on {m['cpu_count']} logical CPUs (the run itself adds about "
+        f"{m['threads'] if report['device'] == 'cpu' else 1}; more means competing processes and noisier times).",
         "",
         "### Training",
         "",
@@ -487,7 +518,9 @@ def render_section(report: dict) -> str:
             f"{_mark(v['folded==base'])} | {f['adapted']:.1f} | {r['adapted_over_base']:.3f} "
             f"| {f['peft_adapted']:.1f} | {r['peft_adapted_over_base']:.3f} |")
     lines += ["", "Checks (max |Δ logits|, eval mode): subspaces vs PEFT before training, folded vs adapted "
-                  "after training; the adapter's own effect for scale."]
+                  "after training; the adapter's own effect for scale. *Saved for backward*: distinct tensor "
+                  "storages autograd keeps from one training forward (`saved_tensors_hooks`), a noise-free view "
+                  "of activation memory."]
     lines += [""]
     for r in report["results"]:
         if "skipped" in r:
@@ -497,7 +530,9 @@ def render_section(report: dict) -> str:
         lines.append(f"- {r['label']}: {r['notes']}; {r['adapted_layers']} adapted layers; "
                      f"subspaces vs PEFT {c['max_abs_logit_diff_subspaces_vs_peft']:.2e}, folded vs adapted "
                      f"{c['max_abs_logit_diff_folded_vs_adapted']:.2e}, adapter effect "
-                     f"{c['max_abs_adapter_effect']:.2e}.")
+                     f"{c['max_abs_adapter_effect']:.2e}; saved for backward: subspaces "
+                     f"{r['saved_for_backward_mib']['subspaces']:.1f} MiB, PEFT "
+                     f"{r['saved_for_backward_mib']['peft']:.1f} MiB.")
     mem_method = next((r["memory"]["subspaces"]["method"] for r in report["results"] if "memory" in r), "")
     lines += [
         "",
@@ -525,6 +560,10 @@ def render_section(report: dict) -> str:
         f"<!-- {SECTION}:{report['device']}-{report['dtype']}:end -->",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _fmt_load(x: list[float] | None) -> str:
+    return "n/a" if not x else f"{x[0]:.2f}"
 
 
 HEADER = ("# Benchmarks\n\nGenerated by the scripts in `benchmarks/`; each section is rewritten by its script's "
@@ -581,6 +620,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="base-model dtype; LoRA factors stay fp32 in both libraries for bf16 bases")
     p.add_argument("--steps", type=int, default=12, help="timed steps per implementation (default 12)")
     p.add_argument("--warmup", type=int, default=3, help="untimed warm-up rounds (default 3)")
+    p.add_argument("--fwd-steps", type=int, default=20, help="timed forward rounds (default 20)")
     p.add_argument("--mem-steps", type=int, default=3, help="training steps in each memory measurement")
     p.add_argument("--mem-repeats", type=int, default=2,
                    help="CPU: fresh-process memory runs per implementation; the lowest is reported")
@@ -619,6 +659,7 @@ def main(argv: list[str] | None = None) -> int:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in both implementations
     t0 = time.perf_counter()
+    load0 = _loadavg()
     results = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         print(f"[{name}] running on {device} {args.dtype} ...", flush=True)
@@ -631,10 +672,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{name}] done in {res['seconds']:.0f} s", flush=True)
         results.append(res)
     report = {
-        "benchmark": SECTION, "device": args.device, "dtype": args.dtype, "machine": machine(device),
+        "benchmark": SECTION, "loadavg_start": load0, "device": args.device, "dtype": args.dtype, "machine": machine(device),
         "args": {k: v for k, v in vars(args).items() if not k.startswith("_")},
         "command": "python benchmarks/lora_vs_peft.py " + " ".join(sys.argv[1:] if argv is None else argv),
-        "results": results, "seconds": time.perf_counter() - t0,
+        "results": results, "seconds": time.perf_counter() - t0, "loadavg_end": _loadavg(),
     }
     out = Path(args.out)
     json_path = Path(args.json) if args.json else ROOT / "benchmarks" / "results" / (

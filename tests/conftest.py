@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import copy
+import os
 
 import pytest
 import torch
 from torch import nn
+
+# The test models are tiny: one intra-op thread avoids OpenMP spin-waits, which made the suite ~8x slower on a
+# busy 2-core machine. Set OMP_NUM_THREADS to override.
+if "OMP_NUM_THREADS" not in os.environ:
+    torch.set_num_threads(1)
 
 VOCAB = 100
 

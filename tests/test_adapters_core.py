@@ -113,6 +113,20 @@ def test_adapters_disabled_gives_base_outputs_then_restores():
     assert torch.equal(logits(m, x), adapted)
 
 
+def test_trained_modules_to_save_are_bypassed_when_disabled_and_restored_by_unadapt():
+    base, m = trained_bert(modules_to_save=["classifier"])
+    with torch.no_grad():
+        m.classifier.weight.add_(1.0)  # "train" the head in place
+    x = ids()
+    ref, adapted = logits(base, x), logits(m, x)
+    with ss.adapters_disabled(m):
+        assert torch.equal(logits(m, x), ref)
+    assert torch.equal(logits(m, x), adapted)
+    ss.unadapt_(m)
+    assert torch.equal(logits(m, x), ref)
+    assert torch.equal(m.classifier.weight, base.classifier.weight)
+
+
 def test_adapter_parameters_are_exactly_the_trainable_ones():
     m = bert_seqcls()
     ss.adapt_(m, "lora", rank=4, targets=QV, modules_to_save=["classifier"])
@@ -305,7 +319,7 @@ def test_load_corrupted_safetensors(saved):
 def test_load_truncated_safetensors(saved):
     f = saved / "subspaces_adapter.safetensors"
     f.write_bytes(f.read_bytes()[:-40])
-    _load_fails(saved, "")
+    _load_fails(saved, None)
 
 
 def test_load_garbage_json(saved):
@@ -315,7 +329,7 @@ def test_load_garbage_json(saved):
 
 def test_load_json_of_wrong_shape(saved):
     (saved / "subspaces_adapter.json").write_text("[1, 2]")
-    _load_fails(saved, "")
+    _load_fails(saved, None)
     (saved / "subspaces_adapter.json").write_text('{"format": "other"}')
     _load_fails(saved, "not a subspaces adapter")
 
@@ -367,3 +381,26 @@ def test_bf16_adapt_forward_backward_fold():
     assert folded.dtype == torch.bfloat16
     assert all(p.dtype == torch.bfloat16 for p in m.parameters())
     assert (folded.float() - adapted.float()).abs().max() < 0.1
+
+
+def test_fold_equals_forward_on_torch_transformer_layer():
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    ss.adapt_(m, "lora", rank=2, targets="all-linear")
+    randomize_adapters(m)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        adapted = m(x)
+        ss.fold_(m)
+        torch.testing.assert_close(m(x), adapted, atol=1e-5, rtol=0)
+
+
+def test_unregistered_config_subclass_unknown_hyperparameter():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class MyLoRA(LoRA):
+        pass
+
+    with pytest.raises(SubspacesError, match="unknown hyperparameter.*rank"):
+        ss.adapt_(bert_seqcls(), MyLoRA(rank=2), ranks=3, targets=QV)

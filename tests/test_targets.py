@@ -137,3 +137,13 @@ def test_inspect_targets_counts_bias():
     m = bert_seqcls()
     rows = ss.inspect_targets(m, ["classifier"])
     assert rows == [{"name": "classifier", "type": "Linear", "shape": (3, 32), "params": 3 * 32 + 3}]
+
+
+def test_all_linear_skips_multihead_attention_out_proj():
+    # nn.MultiheadAttention reads out_proj.weight without calling out_proj: a hook there would never run
+    torch.manual_seed(0)
+    m = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True).eval()
+    assert names(m, "all-linear") == ["linear1", "linear2"]
+    with pytest.raises(SubspacesError, match="MultiheadAttention"):
+        ss.adapt_(m, "lora", rank=2, targets=["out_proj", "linear1"])
+    assert not any(hasattr(mod, "delta") for mod in m.modules())

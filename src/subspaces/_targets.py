@@ -3,7 +3,8 @@
 - a string: a regular expression that must match the *whole* module name (``re.fullmatch``);
 - a list of strings: a module matches when its name equals an entry or ends with ``"." + entry``;
 - ``"all-linear"``: every ``nn.Linear`` except the output head (output embeddings, or a classification head
-  named ``classifier`` / ``score``, which PEFT trains through ``modules_to_save`` instead).
+  named ``classifier`` / ``score``, which PEFT trains through ``modules_to_save`` instead) and the ``out_proj``
+  of ``nn.MultiheadAttention``, whose forward is never called.
 ``exclude`` takes the same forms and removes modules from the selection.
 """
 from __future__ import annotations
@@ -41,6 +42,13 @@ def _output_heads(model: nn.Module) -> set[str]:
     return heads
 
 
+def bypassed_linears(model: nn.Module) -> set[str]:
+    """Linear children whose ``forward`` is never called: nn.MultiheadAttention reads ``out_proj.weight``
+    directly, so a forward hook (an adapter) on it would be silently ignored while ``fold_`` still applied it."""
+    return {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules()
+            if isinstance(m, nn.MultiheadAttention)}
+
+
 def _validate(selector: Selector | None, what: str) -> None:
     if selector is None:
         return
@@ -63,7 +71,7 @@ def select(model: nn.Module, targets: Selector, exclude: Selector | None = None)
     _validate(targets, "targets")
     _validate(exclude, "exclude")
     if targets == "all-linear":
-        heads = _output_heads(model)
+        heads = _output_heads(model) | bypassed_linears(model)
         chosen = [(n, m) for n, m in model.named_modules() if _is_linear(m) and n not in heads]
     else:
         chosen = [(n, m) for n, m in model.named_modules() if n and _matches(n, targets)]

@@ -20,10 +20,12 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from .._targets import Selector, select
+from .._targets import Selector, bypassed_linears, select
 
 DELTA = "delta"  # child-module name of the delta inside an adapted layer
-_STATE = "_subspaces_state"  # per-model record: requires_grad flags before adapting, modules_to_save
+# Per-model record: requires_grad flags before adapting; modules_to_save -> their original tensors (trained in
+# place, as PEFT trains its copy; the originals come back with unadapt_ and inside adapters_disabled).
+_STATE = "_subspaces_state"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -83,21 +85,24 @@ def adapted_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def _as_config(method_or_config: str | AdapterConfig, hyperparameters: dict) -> AdapterConfig:
-    if isinstance(method_or_config, AdapterConfig):
+    is_config = isinstance(method_or_config, AdapterConfig)
+    cls = type(method_or_config) if is_config else ADAPTERS.get(method_or_config).obj
+    names = sorted(f.name for f in dataclasses.fields(cls))
+    unknown = sorted(set(hyperparameters) - set(names))
+    if unknown:
+        method = getattr(cls, "registry_name", cls.__name__)
+        raise SubspacesError(f"{method}: unknown hyperparameter(s) {', '.join(unknown)}; "
+                             f"hyperparameters: {', '.join(names)}")
+    if is_config:
         return dataclasses.replace(method_or_config, **hyperparameters) if hyperparameters else method_or_config
-    cls = ADAPTERS.get(method_or_config).obj
-    try:
-        return cls(**hyperparameters)
-    except TypeError as e:  # unknown keyword
-        names = sorted(f.name for f in dataclasses.fields(cls))
-        raise SubspacesError(f"{method_or_config}: {e}; hyperparameters: {', '.join(names)}") from None
+    return cls(**hyperparameters)
 
 
 def _freeze(model: nn.Module) -> dict:
     state = model.__dict__.get(_STATE)
     if state is None:
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        state = {"requires_grad": flags, "modules_to_save": []}
+        state = {"requires_grad": flags, "modules_to_save": {}}
         model.__dict__[_STATE] = state
         model.requires_grad_(False)
     return state
@@ -111,6 +116,7 @@ def _attach(layer: nn.Module, name: str, config: AdapterConfig, *, init: bool) -
     except SubspacesError as e:
         raise SubspacesError(f"{name}: {e}") from None
     delta.config = config
+    delta.train(layer.training)  # a new module defaults to train mode: follow the model (no dropout in eval)
     layer.add_module(DELTA, delta)
     delta._handle = layer.register_forward_hook(_hook)
     return delta
@@ -126,11 +132,20 @@ def _apply_offset(layer: nn.Module, sign: int) -> None:
 def _set_modules_to_save(model: nn.Module, state: dict, selector: Sequence[str] | None) -> None:
     if not selector:
         return
-    chosen = select(model, list(selector))
-    for name, module in chosen:
+    for name, module in select(model, list(selector)):
         module.requires_grad_(True)
         if name not in state["modules_to_save"]:
-            state["modules_to_save"].append(name)
+            state["modules_to_save"][name] = _snapshot(module)
+
+
+def _snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _load_modules(model: nn.Module, tensors: dict[str, dict[str, torch.Tensor]]) -> None:
+    modules = dict(model.named_modules())
+    for name, state in tensors.items():
+        modules[name].load_state_dict(state)
 
 
 def adapt_(
@@ -150,6 +165,10 @@ def adapt_(
     """
     config = _as_config(method_or_config, hyperparameters)
     chosen = select(model, targets, exclude)
+    bypassed = sorted(bypassed_linears(model) & {n for n, _ in chosen})
+    if bypassed:
+        raise SubspacesError(f"cannot adapt {bypassed[0]}: nn.MultiheadAttention uses its weight without calling "
+                             "its forward, so an adapter there would have no effect; exclude it")
     state = _freeze(model)
     done = []
     try:
@@ -161,7 +180,7 @@ def adapt_(
         for layer in done:  # leave the model as it was
             _detach(layer, restore=True)
         if not adapted_layers(model):
-            _restore(model)
+            _restore(model, modules=True)
         raise
     _set_modules_to_save(model, state, modules_to_save)
     return model
@@ -174,9 +193,12 @@ def _detach(layer: nn.Module, *, restore: bool) -> None:
     delta._handle.remove()
 
 
-def _restore(model: nn.Module) -> None:
+def _restore(model: nn.Module, *, modules: bool) -> None:
+    """Forget the record: requires_grad flags as before adapting; with ``modules``, modules_to_save too."""
     state = model.__dict__.pop(_STATE, None)
     if state is not None:
+        if modules:
+            _load_modules(model, state["modules_to_save"])
         for n, p in model.named_parameters():
             p.requires_grad_(state["requires_grad"].get(n, p.requires_grad))
 
@@ -192,33 +214,40 @@ def fold_(model: nn.Module) -> nn.Module:
             dw = layer._modules[DELTA].weight()
             layer.weight.add_(dw.to(layer.weight.dtype))
             _detach(layer, restore=False)
-    _restore(model)
+    _restore(model, modules=False)
     return model
 
 
 def unadapt_(model: nn.Module) -> nn.Module:
-    """Remove every adapter without folding it, giving back the base model as it was."""
+    """Remove every adapter without folding it, giving back the base model as it was (modules_to_save
+    included)."""
     for _, layer in adapted_layers(model):
         _detach(layer, restore=True)
-    _restore(model)
+    _restore(model, modules=True)
     return model
 
 
 @contextmanager
 def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block the model computes as its base (adapters bypassed, nothing removed)."""
+    """Within the block the model computes as its base: adapters bypassed, modules_to_save at their original
+    values; nothing is removed."""
     deltas = [layer._modules[DELTA] for _, layer in adapted_layers(model)]
+    if any(d.offset() is not None for d in deltas):
+        raise SubspacesError("adapters_disabled: an adapter moved part of the base weight (init='pissa'); "
+                             "use unadapt_ to get the base model back")
+    originals = model.__dict__.get(_STATE, {}).get("modules_to_save", {})
+    modules = dict(model.named_modules())
+    trained = {name: _snapshot(modules[name]) for name in originals}
     before = [d.active for d in deltas]
     for d in deltas:
         d.active = False
+    _load_modules(model, originals)
     try:
-        if any(d.offset() is not None for d in deltas):
-            raise SubspacesError("adapters_disabled: an adapter moved part of the base weight (init='pissa'); "
-                                 "use unadapt_ to get the base model back")
         yield model
     finally:
         for d, b in zip(deltas, before):
             d.active = b
+        _load_modules(model, trained)
 
 
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
@@ -277,14 +306,14 @@ def attach_state(model: nn.Module, modules: dict[str, dict], saved: list[str],
         absent = sorted(needed - set(tensors))
         if absent:
             raise SubspacesError(f"{source}: tensor {absent[0]!r} is missing")
+        _set_modules_to_save(model, state, saved)  # snapshots their originals before the load
         model.load_state_dict(tensors, strict=False)
     except BaseException:
         for layer in attached:
             _detach(layer, restore=False)
         if not adapted_layers(model):
-            _restore(model)
+            _restore(model, modules=True)
         raise
     for layer in attached:
         _apply_offset(layer, -1)
-    _set_modules_to_save(model, state, saved)
     return model

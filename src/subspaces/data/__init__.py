@@ -268,11 +268,9 @@ TASKS: dict[str, Callable[..., TextTask]] = {name: functools.partial(fn) for nam
 def load_task(name: str, seed: int = 0) -> TextTask:
     """Load a text task by name (see :data:`TASKS`) with the split given by ``seed``."""
     if name not in _LOADERS:
-        import difflib
+        from .._errors import SubspacesError, did_you_mean
 
-        close = difflib.get_close_matches(name, list(_LOADERS), n=3)
-        hint = f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-        raise ValueError(f"unknown task {name!r}; valid names: {', '.join(_LOADERS)}.{hint}")
+        raise SubspacesError(f"unknown task {name!r}." + did_you_mean(name, _LOADERS))
     return _LOADERS[name](seed=seed)
 
 

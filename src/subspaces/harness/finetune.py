@@ -1,7 +1,8 @@
 """One fine-tuning run on a text-classification task, trained by the Hugging Face ``Trainer``.
 
 ``method`` is ``"probe"`` (frozen encoder, train the head), ``"full"`` (every parameter) or an adapter registry
-key (``"lora"``, ...) whose hyperparameters come in ``hyperparameters`` (``targets``/``exclude`` included).
+key (``"lora"``, ...) whose hyperparameters come in ``hyperparameters`` (``targets``/``exclude`` included);
+``adapter`` continues training from a saved adapter (native or PEFT format) instead.
 Runs under ``torchrun`` as is: the global batch is split across processes (accelerate's ``split_batches``),
 so N processes reproduce one process with the same batch.
 """
@@ -10,7 +11,6 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -20,27 +20,7 @@ from ._memory import PeakMemory
 
 BASELINES = ("probe", "full")
 DEFAULT_LR = {"probe": 5e-3, "full": 1e-4, "adapter": 1e-3}
-
-
-def load_encoder(model: str):
-    """(AutoModel, tokenizer) for ``"minilm"`` (the embedded default) or a Hugging Face folder."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from transformers import AutoModel, AutoTokenizer
-    from transformers.utils import logging as hf_logging
-
-    from ..models import minilm_path
-
-    path = minilm_path() if model == "minilm" else Path(model)
-    if not (path / "config.json").is_file():
-        raise SubspacesError(f"model {model!r}: not 'minilm' nor a Hugging Face folder with config.json")
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        raise SubspacesError(f"model {model!r}: cannot load ({str(e).splitlines()[0]})") from None
-    finally:
-        hf_logging.set_verbosity(verbosity)
+HEAD_LR = 5e-3  # the fresh classification head learns at the probe's rate whatever the method
 
 
 def default_targets(model: torch.nn.Module) -> list[str] | str:
@@ -52,21 +32,23 @@ def default_targets(model: torch.nn.Module) -> list[str] | str:
     return "all-linear"
 
 
-def configure(clf: torch.nn.Module, method: str, hyperparameters: dict[str, Any]) -> None:
-    """Make exactly the parameters of ``method`` trainable (in place)."""
+def configure(clf: torch.nn.Module, method: str, hyperparameters: dict[str, Any], adapter=None) -> None:
+    """Make exactly the parameters of ``method`` trainable (in place); ``adapter`` starts from a saved one."""
     import subspaces as ss
 
+    if method in BASELINES and (hyperparameters or adapter):
+        raise SubspacesError(f"method {method!r} takes no hyperparameters nor adapter")
     if method == "full":
         clf.requires_grad_(True)
     elif method == "probe":
         clf.encoder.requires_grad_(False)
+    elif adapter is not None:
+        ss.load_adapter(clf, adapter)
+        clf.classifier.requires_grad_(True)
     else:
         hp = dict(hyperparameters)
         targets = hp.pop("targets", None) or default_targets(clf.encoder)
-        ss.adapt_(clf.encoder, method, targets=targets, **hp)
-        clf.classifier.requires_grad_(True)
-    if method in BASELINES and hyperparameters:
-        raise SubspacesError(f"method {method!r} takes no hyperparameters (got {sorted(hyperparameters)})")
+        ss.adapt_(clf, method, targets=targets, modules_to_save=["classifier"], **hp)
 
 
 def finetune(
@@ -83,25 +65,28 @@ def finetune(
     max_train: int | None = None,
     max_test: int | None = None,
     bf16: bool = False,
+    adapter: str | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Train and evaluate; returns (metrics, trained classifier). Metrics: accuracy, trainable parameters,
     wall time (s), peak memory (MB), loss history."""
-    from transformers import Trainer, TrainingArguments, set_seed
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
 
     from ..data import load_task
+    from ..models import load_encoder
     from ..integrations.hf_trainer import RichProgress
-    from ._classifier import Collator, MeanPoolClassifier, encode
+    from ._classifier import Collator, MeanPoolClassifier, embed, encode
 
     hyperparameters = dict(hyperparameters or {})
     data = load_task(task, seed=seed)
     encoder, tokenizer = load_encoder(model)
     set_seed(seed)
     clf = MeanPoolClassifier(encoder, data.num_labels)
-    configure(clf, method, hyperparameters)
+    configure(clf, method, hyperparameters, adapter)
     train = encode(tokenizer, data.train_texts[:max_train], data.train_labels[:max_train], max_length)
     test = encode(tokenizer, data.test_texts[:max_test], data.test_labels[:max_test], max_length)
     lr = lr if lr is not None else DEFAULT_LR.get(method, DEFAULT_LR["adapter"])
+    collate = Collator(tokenizer.pad_token_id)
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     with tempfile.TemporaryDirectory(prefix="subspaces-trainer-") as scratch:
@@ -109,24 +94,31 @@ def finetune(
             output_dir=scratch, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
             num_train_epochs=epochs, learning_rate=lr, weight_decay=0.0, lr_scheduler_type="linear",
             warmup_steps=0.06, logging_steps=5, save_strategy="no", report_to="none", seed=seed, data_seed=seed,
-            disable_tqdm=True, use_cpu=not cuda, bf16=bf16, ddp_backend="gloo" if distributed and not cuda else None,
-            accelerator_config={"split_batches": True}, remove_unused_columns=False, train_sampling_strategy="group_by_length",
-            dataloader_drop_last=False, log_level="error",
+            disable_tqdm=True, use_cpu=not cuda, bf16=bf16, log_level="error", remove_unused_columns=False,
+            ddp_backend="gloo" if distributed and not cuda else None,
+            accelerator_config={"split_batches": True},  # N processes = one process with the same global batch
+            train_sampling_strategy="random" if method == "probe" else "group_by_length",  # less padding
         )
-        trainer = Trainer(model=clf, args=args, train_dataset=train, data_collator=Collator(tokenizer.pad_token_id),
-                          callbacks=[RichProgress(f"{method} on {task}")] if progress else [])
         device = args.device
+        head = list(clf.classifier.parameters())
+        body = [p for n, p in clf.named_parameters() if p.requires_grad and not n.startswith("classifier.")]
+        groups = [{"params": head, "lr": max(lr, HEAD_LR)}] + ([{"params": body, "lr": lr}] if body else [])
         start = time.perf_counter()
         with PeakMemory(device) as mem:
+            if method == "probe":  # the encoder is frozen: encode once, then train the head on the features
+                train = embed(clf, train, collate, device, bf16)
+            trainer = Trainer(model=clf, args=args, train_dataset=train, data_collator=collate,
+                              optimizers=(torch.optim.AdamW(groups, lr=lr, weight_decay=0.0), None),
+                              callbacks=[RichProgress(f"{method} on {task}")] if progress else [])
+            trainer.remove_callback(PrinterCallback)  # our progress line replaces its printed log dicts
             trainer.train()
         wall = time.perf_counter() - start
-        pred = trainer.predict(test)
+        pred = trainer.predict(embed(clf, test, collate, device, bf16) if method == "probe" else test)
     logits = pred.predictions[0] if isinstance(pred.predictions, tuple) else pred.predictions
-    accuracy = float((logits.argmax(-1) == pred.label_ids).mean())
     metrics = {
         "method": method, "model": model, "task": task, "seed": seed, "epochs": epochs, "lr": lr,
         "batch_size": batch_size, "hyperparameters": hyperparameters,
-        "test_accuracy": accuracy,
+        "test_accuracy": float((logits.argmax(-1) == pred.label_ids).mean()),
         "trainable_params": sum(p.numel() for p in clf.parameters() if p.requires_grad),
         "wall_time_s": wall, "peak_memory_mb": mem.peak_bytes / 2**20, "device": str(device),
         "world_size": args.world_size, "train_examples": len(train), "test_examples": len(test),

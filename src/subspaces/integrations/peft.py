@@ -17,7 +17,9 @@ WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
 # PEFT features this importer cannot represent exactly: refuse rather than load something else.
-_UNSUPPORTED = {"use_dora": True, "lora_bias": True, "use_qalora": True, "layer_replication": None}
+# Each is off when absent, None, False or empty; any other value changes the forward pass.
+_UNSUPPORTED = ("use_dora", "lora_bias", "use_qalora", "layer_replication", "alora_invocation_tokens",
+                "trainable_token_indices", "target_parameters", "use_bdlora", "arrow_config")
 
 
 def _suffixes(kind: str) -> tuple[str, str]:
@@ -88,8 +90,8 @@ def load_peft(model: nn.Module, path: str | Path) -> nn.Module:
     cfg = read_json(path / CONFIG)
     if cfg.get("peft_type") != "LORA":
         raise SubspacesError(f"{path / CONFIG}: peft_type={cfg.get('peft_type')!r}; only LORA adapters import")
-    for key, plain in _UNSUPPORTED.items():
-        if cfg.get(key) not in (None, False, plain):
+    for key in _UNSUPPORTED:
+        if cfg.get(key):
             raise SubspacesError(f"{path / CONFIG}: {key}={cfg[key]!r} is not supported")
     if cfg.get("bias", "none") != "none":
         raise SubspacesError(f"{path / CONFIG}: bias={cfg['bias']!r} is not supported; only 'none'")

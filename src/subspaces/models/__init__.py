@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = [
     "minilm_path",
     "load_minilm",
+    "load_encoder",
     "smollm2_path",
     "load_smollm2",
     "tiny_llama",
@@ -109,6 +110,25 @@ def load_minilm(num_labels: int | None = None, *, dtype: torch.dtype = torch.flo
         else:
             model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, dtype=dtype)
     return model, tokenizer
+
+
+def load_encoder(model: str = "minilm") -> tuple[Any, Any]:
+    """(AutoModel, tokenizer) for ``"minilm"`` (the embedded default) or a Hugging Face folder path."""
+    from subspaces._errors import SubspacesError
+
+    if model == "minilm":
+        return load_minilm()
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise SubspacesError(f"model {model!r}: not 'minilm' nor a Hugging Face folder with config.json")
+    _offline()
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        with _quiet():
+            return AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise SubspacesError(f"model {model!r}: cannot load ({str(e).splitlines()[0]})") from None
 
 
 # --------------------------------------------------------------------------- SmolLM2

@@ -1,0 +1,18 @@
+"""``subspaces methods``: the registries as a table."""
+from __future__ import annotations
+
+from . import app
+
+
+@app.command("methods")
+def methods() -> None:
+    """List every method: family, name, paper and implementation status."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .._registry import list_methods
+
+    table = Table("family", "name", "paper", "status")
+    for row in list_methods():
+        table.add_row(row["family"], row["name"], row["paper"], row["status"])
+    Console().print(table)
