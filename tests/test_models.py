@@ -6,10 +6,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import json
+
 import torch
 
 import subspaces.models as M
-from subspaces.data._cache import atomic_folder, atomic_write_json, cache_dir
+from subspaces._io import atomic_folder, cache_dir, write_json
 
 
 def _same(a, b):
@@ -144,8 +146,9 @@ def test_atomic_folder_concurrent_winner_is_kept(tmp_path):
 
 
 def test_atomic_write_json(tmp_path):
-    path = atomic_write_json(tmp_path / "sub" / "x.json", {"a": [1, "é"]})
-    assert path.read_text(encoding="utf-8") == '{"a": [1, "é"]}'
+    write_json(tmp_path / "sub" / "x.json", {"a": [1, "é"]})
+    path = tmp_path / "sub" / "x.json"
+    assert json.loads(path.read_text(encoding="utf-8")) == {"a": [1, "é"]}
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]
 
 

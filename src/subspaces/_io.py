@@ -1,13 +1,16 @@
-"""Atomic file output and safe input: temp file then rename; tensors via safetensors only."""
+"""Atomic file output and safe input: temp file then rename; tensors via safetensors only. Also the user cache
+folder (``$SUBSPACES_CACHE``, else ``$XDG_CACHE_HOME/subspaces``, else ``~/.cache/subspaces``) where derived
+assets (extracted docstrings, the converted SmolLM2 checkpoint) live."""
 from __future__ import annotations
 
 import json
 import os
 import shutil
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -31,7 +34,7 @@ def atomic_path(path: str | os.PathLike):
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata=None) -> None:
@@ -88,3 +91,61 @@ def atomic_dir(path: str | os.PathLike, *, overwrite_ours: tuple[str, ...] = ())
             os.replace(f, path / f.name)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+# Temporary folders older than this are leftovers of a killed process and may be removed.
+_STALE_SECONDS = 24 * 3600
+
+
+def cache_dir(*parts: str) -> Path:
+    """Return ``<cache>/<parts...>`` (not created); the root is read from the environment on each call."""
+    root = os.environ.get("SUBSPACES_CACHE")
+    if root:
+        base = Path(root).expanduser()
+    elif os.environ.get("XDG_CACHE_HOME"):
+        base = Path(os.environ["XDG_CACHE_HOME"]).expanduser() / "subspaces"
+    else:
+        base = Path.home() / ".cache" / "subspaces"
+    return base.joinpath(*parts)
+
+
+def _tmp_prefix(final: Path) -> str:
+    return f".{final.name}.tmp-"
+
+
+def _remove_stale_temps(final: Path) -> None:
+    now = time.time()
+    for p in final.parent.glob(_tmp_prefix(final) + "*"):
+        try:
+            if now - p.stat().st_mtime > _STALE_SECONDS:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+        except OSError:
+            pass  # another process may be cleaning up too
+
+
+def atomic_folder(final: str | os.PathLike, build: Callable[[Path], Any]) -> Path:
+    """Create the folder ``final`` by calling ``build(tmp)`` on an empty temporary folder, then renaming it.
+
+    If ``final`` already exists it is returned untouched and ``build`` is not called: its existence
+    means a previous build completed. If ``build`` raises, the temporary folder is removed and the
+    exception propagates; ``final`` is never created half-way.
+    """
+    final = Path(final)
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            # A concurrent build finished first (rename onto a non-empty folder fails): keep theirs.
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final

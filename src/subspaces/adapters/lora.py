@@ -167,12 +167,16 @@ class LoRADelta(Delta):
         return F.linear(F.linear(x, self.A), self.B) * self.scaling
 
     def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "linear" or self.kind == "conv1d_t":
-            h = F.linear(self.drop(x.to(self.A.dtype)), self.A)
-            if h.dtype == output.dtype and output.is_contiguous():
-                # One fused kernel for out + s·h Bᵀ: no (…, d_out) temporary for the branch.
-                out2 = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]),
-                                   self.B.T.to(h.dtype), alpha=self.scaling)
-                return out2.view(output.shape)
-            return output + (F.linear(h, self.B) * self.scaling).to(output.dtype)
-        return super().add_to(output, x)
+        if self.kind not in ("linear", "conv1d_t"):
+            return super().add_to(output, x)
+        # The branch runs in the activations' dtype (fp32 master factors are cast, not the layer input), so a
+        # bf16 model keeps no fp32 copy of each adapted layer's input for the backward pass.
+        dt = output.dtype
+        A, B = self.A.to(dt), self.B.to(dt)
+        h = F.linear(self.drop(x.to(dt)), A)
+        if output.is_contiguous():
+            # One fused kernel for out + s·h Bᵀ: no (…, d_out) temporary for the branch.
+            out2 = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]), B.T,
+                               alpha=self.scaling)
+            return out2.view(output.shape)
+        return output + F.linear(h, B) * self.scaling

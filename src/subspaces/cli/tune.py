@@ -45,7 +45,7 @@ def tune(
                                                "or 're:<regex>'; default W_q and W_v")] = None,
     param: Annotated[list[str], Opt("--param", "-p", help="any other hyperparameter, key=value (repeatable)")] = [],
     epochs: Annotated[float, Opt(help="training epochs")] = 3,
-    lr: Annotated[Optional[float], Opt(help="learning rate (default: probe 5e-3, full 1e-4, adapters 1e-3)")] = None,
+    lr: Annotated[Optional[float], Opt(help="learning rate (default: probe 3e-2, full 1e-4, adapters 1e-3; the head at least 5e-3)")] = None,
     batch_size: Annotated[int, Opt(help="global batch size (split across torchrun processes)")] = 32,
     max_length: Annotated[int, Opt(help="max tokens per text")] = 64,
     max_train: Annotated[Optional[int], Opt(help="use only the first N training examples")] = None,

@@ -27,7 +27,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
-from ._cache import atomic_write_json, cache_dir
+from .._io import cache_dir, write_json
 
 # Bump when the extraction rules change: it is part of the cache key.
 EXTRACTOR_VERSION = 1
@@ -98,7 +98,7 @@ def package_docstrings(package: str) -> list[str]:
             pass  # unreadable cache: rebuild it below
     texts = [t for file in _package_files(package) for t in _docstrings(file)]
     try:
-        atomic_write_json(path, texts)
+        write_json(path, texts)
     except OSError:
         pass  # a read-only cache is not an error: just slower next time
     return texts

@@ -19,7 +19,7 @@ from .._errors import SubspacesError
 from ._memory import PeakMemory
 
 BASELINES = ("probe", "full")
-DEFAULT_LR = {"probe": 5e-3, "full": 1e-4, "adapter": 1e-3}
+DEFAULT_LR = {"probe": 3e-2, "full": 1e-4, "adapter": 1e-3}
 HEAD_LR = 5e-3  # the fresh classification head learns at the probe's rate whatever the method
 
 

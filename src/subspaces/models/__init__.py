@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from subspaces.data._cache import atomic_folder, cache_dir
+from subspaces._io import atomic_folder, cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
     from transformers import BertForSequenceClassification, LlamaForCausalLM

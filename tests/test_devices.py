@@ -1,0 +1,45 @@
+"""Every adapter runs on each available device and dtype as on CPU fp32: adapt, train a step, fold, save/load.
+On a machine with CUDA the cuda cases run too (the GPU check runs this file there)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import ids, llama_causal
+
+import subspaces as ss
+from subspaces._registry import ADAPTERS
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
+
+
+@pytest.mark.parametrize("method", [e.name for e in ADAPTERS.entries()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_adapter_on_device_and_dtype(method, dtype, device, tmp_path):
+    model = llama_causal().to(device=device, dtype=dtype)
+    x = ids().to(device)
+    ss.adapt_(model, method, targets="all-linear", rank=4)
+    for p in ss.adapter_parameters(model):
+        assert p.device.type == device and p.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
+    opt = torch.optim.AdamW(ss.adapter_parameters(model), lr=1e-2)
+    for _ in range(2):
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        adapted = model(input_ids=x).logits.float()
+    ss.save_adapter(model, tmp_path / "a")
+    reloaded = copy.deepcopy(model)
+    ss.unadapt_(reloaded)
+    ss.load_adapter(reloaded, tmp_path / "a")
+    ss.fold_(model)
+    with torch.no_grad():
+        folded = model(input_ids=x).logits.float()
+        again = reloaded(input_ids=x).logits.float()
+    assert folded.dtype == torch.float32 and model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+    torch.testing.assert_close(again, adapted, rtol=0, atol=1e-6)
+    scale = adapted.abs().max().item()
+    assert (folded - adapted).abs().max().item() <= TOL[dtype] * max(1.0, scale)
