@@ -102,10 +102,16 @@ def build_workload(name: str, args: argparse.Namespace, device: torch.device, dt
     hf_logging.disable_progress_bar()
     g = torch.Generator().manual_seed(1234)
     if name == "minilm":
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoConfig, AutoModelForSequenceClassification
 
         torch.manual_seed(0)  # the fresh classifier head
-        model = AutoModelForSequenceClassification.from_pretrained(str(_minilm_path(args)), num_labels=8)
+        path = _minilm_path(args)
+        if (path / "model.safetensors").exists():
+            model = AutoModelForSequenceClassification.from_pretrained(str(path), num_labels=8)
+        else:  # a folder with MiniLM's config.json alone (a GPU machine without the weights package):
+            # same architecture, random weights; step time and memory do not depend on the values
+            model = AutoModelForSequenceClassification.from_config(
+                AutoConfig.from_pretrained(str(path), num_labels=8))
         b, t = 32, 64
         ids = torch.randint(1000, model.config.vocab_size, (b, t), generator=g)
         mask = torch.ones(b, t, dtype=torch.long)

@@ -105,7 +105,7 @@ class LoRADelta(Delta):
         kw = dict(device=w.device, dtype=dtype)
         r = config.rank
         self.kind, self.scaling = kind, config.scaling
-        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
         if kind == "conv":
             k = tuple(w.shape[2:])
             self.A = nn.Parameter(torch.zeros(r, w.shape[1], *k, **kw))
@@ -161,7 +161,8 @@ class LoRADelta(Delta):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "embedding":
             return F.embedding(x, self.A.T, *self.emb_args) @ self.B.T * self.scaling
-        x = self.drop(x.to(self.A.dtype))
+        x = x.to(self.A.dtype)
+        x = self.drop(x) if self.drop is not None else x
         if self.kind == "conv":
             return self.conv(self.conv(x, self.A, None, *self.conv_args), self.B) * self.scaling
         return F.linear(F.linear(x, self.A), self.B) * self.scaling
@@ -172,8 +173,10 @@ class LoRADelta(Delta):
         # The branch runs in the activations' dtype (fp32 master factors are cast, not the layer input), so a
         # bf16 model keeps no fp32 copy of each adapted layer's input for the backward pass.
         dt = output.dtype
-        A, B = self.A.to(dt), self.B.to(dt)
-        h = F.linear(self.drop(x.to(dt)), A)
+        A, B = (self.A, self.B) if self.A.dtype == dt else (self.A.to(dt), self.B.to(dt))
+        if x.dtype != dt:
+            x = x.to(dt)
+        h = F.linear(x if self.drop is None else self.drop(x), A)
         if output.is_contiguous():
             # One fused kernel for out + s·h Bᵀ: no (…, d_out) temporary for the branch.
             out2 = torch.addmm(output.reshape(-1, output.shape[-1]), h.reshape(-1, h.shape[-1]), B.T,
