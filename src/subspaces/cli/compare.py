@@ -39,10 +39,15 @@ def compare(
         parse_method(spec)  # fail on a bad spec before loading anything
     out = output_dir(out, "compare")
     console = Console()
+    main = is_main_process()
+
+    def report(row: dict) -> None:
+        if main:
+            console.print(f"[bold]{row['label']}[/]: test accuracy {row['test_accuracy']:.4f}")
+
     board = run(method, out=out, model=model, task=task, epochs=epochs, seed=seed, batch_size=batch_size,
-                max_length=max_length, max_train=max_train, max_test=max_test, bf16=bf16,
-                progress=is_main_process(),
-                on_result=lambda r: console.print(f"[bold]{r['label']}[/]: test accuracy {r['test_accuracy']:.4f}"))
-    if is_main_process():
+                max_length=max_length, max_train=max_train, max_test=max_test, bf16=bf16, progress=main,
+                on_result=report)
+    if main:
         console.print(results_table(board, f"{task} on {model}, {epochs:g} epochs, seed {seed}"))
         console.print(f"results.json and leaderboard.png in {out}/")

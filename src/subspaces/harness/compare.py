@@ -1,6 +1,7 @@
 """Several methods on the same model, task and budget; a leaderboard saved as JSON and a PNG plot."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,10 @@ def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
                     raise SubspacesError(f"method {spec!r}: expected name:key=value,... (got {item!r})")
-                hp[key.strip()] = yaml.safe_load(value)
+                try:
+                    hp[key.strip()] = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise SubspacesError(f"method {spec!r}: cannot parse the value of {key.strip()!r}") from None
             item = ""
         else:
             item += ch
@@ -38,7 +42,8 @@ def check_method(name: str) -> None:
     if name not in BASELINES and name not in ADAPTERS:
         from .._errors import did_you_mean
 
-        raise SubspacesError(f"unknown method {name!r}." + did_you_mean(name, [*BASELINES, *(e.name for e in ADAPTERS)]))
+        valid = [*BASELINES, *(e.name for e in ADAPTERS)]
+        raise SubspacesError(f"unknown method {name!r}." + did_you_mean(name, valid))
 
 
 def leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -57,6 +62,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
         ax.annotate(r["label"], (r["trainable_params"], r["test_accuracy"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=9)
     ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.1)  # room for the labels of the end points
     ax.set_xlabel("trainable parameters (log scale)")
     ax.set_ylabel("test accuracy")
     ax.set_title(title)
@@ -65,6 +71,45 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
     plt.close(fig)
+
+
+def _child(kw: dict[str, Any], queue) -> None:
+    try:
+        queue.put(("ok", finetune(**kw)[0]))
+    except SubspacesError as e:
+        queue.put(("error", str(e)))
+    except BaseException:
+        import traceback
+
+        queue.put(("crash", traceback.format_exc()))
+
+
+def _run_in_fresh_process(kw: dict[str, Any]) -> dict[str, Any]:
+    """One run in a new process, so its wall time and peak memory owe nothing to the runs before it (memory
+    freed by an earlier run stays in this process's heap and would hide the next run's growth)."""
+    import multiprocessing
+    from queue import Empty
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(kw, queue))
+    proc.start()
+    try:
+        while True:
+            try:
+                status, value = queue.get(timeout=1.0)
+                break
+            except Empty:
+                if not proc.is_alive():  # killed (out of memory?) before it could report
+                    status, value = "crash", f"the process exited with code {proc.exitcode}"
+                    break
+    finally:
+        proc.join()
+    if status == "error":
+        raise SubspacesError(value)
+    if status == "crash":
+        raise RuntimeError(f"the {kw['method']} run failed:\n{value}")
+    return value
 
 
 def compare(
@@ -80,23 +125,28 @@ def compare(
 ) -> list[dict[str, Any]]:
     """Run each method spec (plus the probe and full fine-tuning baselines), writing ``results.json`` after every
     run (nothing is lost if a later run fails) and ``leaderboard.png`` at the end. Returns the leaderboard."""
-    specs = [s for s in methods]
-    for base in BASELINES:
-        if base not in [parse_method(s)[0] for s in specs]:
-            specs.insert(0 if base == "probe" else len(specs), base)
-    parsed = [(s, *parse_method(s)) for s in specs]  # validate every spec before any work
+    parsed = [(s, *parse_method(s)) for s in methods]  # validate every spec before any work
+    names = {name for _, name, _ in parsed}
+    if "probe" not in names:
+        parsed.insert(0, ("probe", "probe", {}))
+    if "full" not in names:
+        parsed.append(("full", "full", {}))
+    main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only the first process writes
     rows: list[dict[str, Any]] = []
     started = time.time()
+    isolate = int(os.environ.get("WORLD_SIZE", "1")) == 1
     for label, name, hp in parsed:
-        metrics, _ = finetune(model=model, task=task, method=name, hyperparameters=hp, epochs=epochs, seed=seed,
-                              **run_kw)
+        kw = dict(model=model, task=task, method=name, hyperparameters=hp, epochs=epochs, seed=seed, **run_kw)
+        metrics = _run_in_fresh_process(kw) if isolate else finetune(**kw)[0]
         metrics.pop("loss_history")
         rows.append({"label": label, **metrics})
-        write_json(out / "results.json", {"model": model, "task": task, "epochs": epochs, "seed": seed,
-                                          "leaderboard": leaderboard(rows)})
+        if main:
+            write_json(out / "results.json", {"model": model, "task": task, "epochs": epochs, "seed": seed,
+                                              "leaderboard": leaderboard(rows)})
         if on_result is not None:
             on_result(rows[-1])
     board = leaderboard(rows)
-    plot(board, out / "leaderboard.png", f"{task} on {model}: {epochs:g} epochs, seed {seed} "
-                                         f"({(time.time() - started) / 60:.1f} min)")
+    if main:
+        minutes = (time.time() - started) / 60
+        plot(board, out / "leaderboard.png", f"{task} on {model}: {epochs:g} epochs, seed {seed} ({minutes:.1f} min)")
     return board
