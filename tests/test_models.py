@@ -150,6 +150,9 @@ def test_atomic_write_json(tmp_path):
     path = tmp_path / "sub" / "x.json"
     assert json.loads(path.read_text(encoding="utf-8")) == {"a": [1, "é"]}
     assert [p.name for p in path.parent.iterdir()] == ["x.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
 
 
 def test_smollm2_path_uses_cache_and_is_atomic(tmp_path, monkeypatch):

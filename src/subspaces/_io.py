@@ -17,6 +17,17 @@ import torch
 from ._errors import SubspacesError
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _usual_mode(path: Path, directory: bool = False) -> None:
+    """mkstemp/mkdtemp make private (0600/0700) entries; outputs get the usual mode under the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
@@ -24,6 +35,7 @@ def atomic_path(path: str | os.PathLike):
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    _usual_mode(Path(tmp))
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -136,6 +148,7 @@ def atomic_folder(final: str | os.PathLike, build: Callable[[Path], Any]) -> Pat
     final.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(final)
     tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(final), dir=final.parent))
+    _usual_mode(tmp, directory=True)
     try:
         build(tmp)
         try:
