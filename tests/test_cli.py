@@ -45,7 +45,7 @@ def test_methods_lists_the_registry():
     (["tune", "--method", "lorra"], "unknown method 'lorra'"),
     (["tune", "--task", "nope"], "unknown task 'nope'"),
     (["tune", "--model", "/no/such/model"], "/no/such/model"),
-    (["compare", "-m", "lora:rank"], "expected name:key=value"),
+    (["compare", "-m", "lora:rank"], "expected key=value"),
 ])
 def test_bad_input_exits_2_with_one_line(args, message, tmp_path):
     r = cli(*args, "--out", tmp_path / "out")

@@ -24,9 +24,9 @@ def parse_targets(text: str | None):
 
 
 def hyperparameters(params: list[str], rank, alpha, targets) -> dict:
-    from ..harness.compare import parse_method
+    from ..harness.compare import parse_params
 
-    hp = parse_method("probe:" + ",".join(params))[1] if params else {}
+    hp = parse_params(",".join(params), "--param")
     for key, value in (("rank", rank), ("alpha", alpha), ("targets", parse_targets(targets))):
         if value is not None:
             hp[key] = value

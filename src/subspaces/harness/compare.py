@@ -11,29 +11,36 @@ from .._io import atomic_path, write_json
 from .finetune import BASELINES, finetune
 
 
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"lora"`` or ``"lora:rank=16,alpha=32,targets=[query, value]"`` -> (name, hyperparameters)."""
+def parse_params(text: str, context: str) -> dict[str, Any]:
+    """``"rank=16,alpha=32,targets=[query, value]"`` -> a dict; values are read as YAML scalars or lists."""
     import yaml
 
-    name, _, rest = spec.partition(":")
     hp: dict[str, Any] = {}
     depth, item = 0, ""
-    for ch in rest + ",":  # split on commas outside brackets
+    for ch in text + ",":  # split on commas outside brackets
         depth += (ch in "[{") - (ch in "]}")
         if ch == "," and depth == 0:
             if item.strip():
                 key, eq, value = item.partition("=")
                 if not eq or not key.strip():
-                    raise SubspacesError(f"method {spec!r}: expected name:key=value,... (got {item!r})")
+                    raise SubspacesError(f"{context}: expected key=value,... (got {item!r})")
                 try:
                     hp[key.strip()] = yaml.safe_load(value)
                 except yaml.YAMLError:
-                    raise SubspacesError(f"method {spec!r}: cannot parse the value of {key.strip()!r}") from None
+                    raise SubspacesError(f"{context}: cannot parse the value of {key.strip()!r}") from None
             item = ""
         else:
             item += ch
+    if depth:
+        raise SubspacesError(f"{context}: unbalanced brackets in {text!r}")
+    return hp
+
+
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"lora"`` or ``"lora:rank=16,alpha=32,targets=[query, value]"`` -> (name, hyperparameters)."""
+    name, _, rest = spec.partition(":")
     check_method(name.strip())
-    return name.strip(), hp
+    return name.strip(), parse_params(rest, f"method {spec!r}")
 
 
 def check_method(name: str) -> None:
