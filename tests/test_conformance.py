@@ -83,6 +83,8 @@ def test_config_contract(name):
 @pytest.mark.parametrize("model", list(MODELS))
 @pytest.mark.parametrize("name", METHODS)
 def test_output_equals_base_at_init(name, model):
+    if not ADAPTERS.get(name).obj.identity_at_init:
+        pytest.skip(f"{name} starts from a nonzero update, as its paper does")
     base, m = setup(name, model)
     x = ids()
     assert adapted_layers(m)

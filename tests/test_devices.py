@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import ids, llama_causal
+from test_conformance import config_for
 
 import subspaces as ss
 from subspaces._registry import ADAPTERS
@@ -21,7 +22,7 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
 def test_adapter_on_device_and_dtype(method, dtype, device, tmp_path):
     model = llama_causal().to(device=device, dtype=dtype)
     x = ids().to(device)
-    ss.adapt_(model, method, targets="all-linear", rank=4)
+    ss.adapt_(model, config_for(method), targets="all-linear")
     for p in ss.adapter_parameters(model):
         assert p.device.type == device and p.dtype == (torch.float32 if dtype == torch.bfloat16 else dtype)
     opt = torch.optim.AdamW(ss.adapter_parameters(model), lr=1e-2)

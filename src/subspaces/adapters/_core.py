@@ -33,6 +33,8 @@ class AdapterConfig:
     """Base class of adapter configs. Subclasses validate their fields in ``__post_init__``."""
 
     registry_name: ClassVar[str]
+    #: False for methods whose paper starts from ΔW ≠ 0 (the conformance tests then skip the identity check).
+    identity_at_init: ClassVar[bool] = True
 
     def build(self, layer: nn.Module, *, init: bool = True) -> Delta:
         """A delta for ``layer``; ``init=False`` skips costly initialization (the state is loaded next)."""
