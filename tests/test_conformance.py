@@ -162,3 +162,21 @@ def test_unadapt_restores_base(name):
     x = ids()
     torch.testing.assert_close(logits(m, x), logits(base, x), atol=1e-5, rtol=0)
     assert all(p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_export_lora_is_exact_and_truncates_with_a_report(name, tmp_path):
+    """Any foldable adapter exports to a plain PEFT LoRA: exact at rank=None, truncated SVD at a given rank."""
+    base, m = setup(name, "llama")
+    train(m)
+    x = ids()
+    adapted = logits(m, x)
+    report = ss.export_lora(m, tmp_path / "exact")
+    assert {r["name"] for r in report} == {n for n, _ in adapted_layers(m)}
+    assert max(r["relative_error"] for r in report) < 1e-5
+    exact = ss.load_adapter(copy.deepcopy(base), tmp_path / "exact")
+    torch.testing.assert_close(logits(exact, x), adapted, atol=1e-4, rtol=0)
+    report1 = ss.export_lora(m, tmp_path / "rank1", rank=1)
+    assert all(r["rank"] == 1 for r in report1)
+    for r, r1 in zip(report, report1):  # truncation error is reported, and zero only where ΔW had rank 1
+        assert (r1["relative_error"] > 1e-6) == (r["rank"] > 1)

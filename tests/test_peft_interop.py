@@ -18,6 +18,7 @@ peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402
 
 ATOL = 1e-5
+QV = ["query", "value"]
 
 
 def peft_load(base: nn.Module, path) -> nn.Module:
@@ -149,13 +150,17 @@ def test_export_gpt2_fan_in_fan_out(tmp_path):
     assert (logits(back, x) - ours).abs().max() <= ATOL
 
 
-def test_export_refuses_mixed_rslora(tmp_path):
-    m = llama_causal()
+def test_export_mixed_rslora_as_plain_alphas(tmp_path):
+    base = llama_causal()
+    m = copy.deepcopy(base)
     ss.adapt_(m, "lora", rank=2, targets=["q_proj"])
-    ss.adapt_(m, "lora", rank=2, rslora=True, targets=["v_proj"])
-    with pytest.raises(ss.SubspacesError, match="use_rslora"):
-        ss.save_adapter(m, tmp_path / "a", format="peft")
-    assert not (tmp_path / "a").exists()
+    ss.adapt_(m, "lora", rank=2, rslora=True, alpha=3.0, targets=["v_proj"])
+    randomize_adapters(m)
+    ss.save_adapter(m, tmp_path / "a", format="peft")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert cfg["use_rslora"] is False and cfg["alpha_pattern"]  # s = alpha/sqrt(r) written as alpha' = s r
+    x = ids()
+    torch.testing.assert_close(logits(peft_load(base, tmp_path / "a"), x), logits(m, x), atol=1e-5, rtol=0)
 
 
 # (2) peft -> our import ----------------------------------------------------------------------------------------
@@ -313,3 +318,16 @@ def test_one_adamw_step_matches_peft(model, start):
                                    pm.base_model.model.classifier.modules_to_save["default"].weight,
                                    atol=1e-6, rtol=0)
     torch.testing.assert_close(logits(m, x), logits(pm, x), atol=1e-6, rtol=0)
+
+
+def test_export_lora_loads_in_peft(tmp_path):
+    base = bert_seqcls()
+    m = copy.deepcopy(base)
+    ss.adapt_(m, "lora", rank=4, targets=QV, modules_to_save=["classifier"])
+    randomize_adapters(m)
+    report = ss.export_lora(m, tmp_path / "e", rank=2)
+    assert all(r["rank"] == 2 and 0 < r["relative_error"] < 1 for r in report)
+    pm = peft_load(copy.deepcopy(base), tmp_path / "e")
+    ours = ss.load_adapter(copy.deepcopy(base), tmp_path / "e")
+    x = ids()
+    torch.testing.assert_close(logits(pm, x), logits(ours, x), atol=1e-5, rtol=0)

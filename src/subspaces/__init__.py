@@ -19,6 +19,7 @@ from .adapters._core import (
     unadapt_,
 )
 from .adapters._saving import load_adapter, save_adapter
+from .integrations.peft import export_lora
 
 _LAZY = ("adapters", "linalg", "measure", "models", "data", "integrations")
 
@@ -27,6 +28,7 @@ __all__ = [
     "adapt_",
     "adapter_parameters",
     "adapters_disabled",
+    "export_lora",
     "fold_",
     "inspect_targets",
     "list_methods",

@@ -30,7 +30,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, format: str = "nativ
         raise SubspacesError(f"format={format!r}; allowed: {', '.join(FORMATS)}")
     ours = (NATIVE_CONFIG, NATIVE_WEIGHTS, peft_format.CONFIG, peft_format.WEIGHTS)
     if format == "peft":
-        config, tensors = peft_format.to_peft(model)
+        config, tensors, _ = peft_format.to_peft(model)
         with atomic_dir(path, overwrite_ours=ours) as tmp:
             write_safetensors(tmp / peft_format.WEIGHTS, tensors, metadata={"format": "pt"})
             write_json(tmp / peft_format.CONFIG, config)

@@ -26,29 +26,70 @@ def _suffixes(kind: str) -> tuple[str, str]:
     return ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
 
 
-def to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter_config.json contents, tensors) of the model's LoRA adapter in PEFT's format."""
-    modules, saved, state = adapter_state(model)
-    tensors, ranks, alphas, dropouts, rslora, fan_in_fan_out = {}, {}, {}, [], [], []
-    for name, layer in adapted_layers(model):
-        delta = layer._modules[DELTA]
-        if modules[name]["method"] != "lora":
-            raise SubspacesError(f"{name}: method {modules[name]['method']!r} is not LoRA-shaped; "
-                                 "save it with format='native'")
-        A, B, cfg = delta.A, delta.B, delta.config
+def _svd_factors(dw: torch.Tensor, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """B (m, r), A (r, n) with B A the best rank-r approximation of dw (m, n), and its relative Frobenius error.
+    ``rank=None``: the numerical rank, so the factorization is exact to float precision."""
+    U, S, Vh = torch.linalg.svd(dw.double(), full_matrices=False)
+    tol = S.max().clamp_min(1e-300) * max(dw.shape) * torch.finfo(torch.float32).eps
+    exact = max(int((S > tol).sum()), 1)
+    r = exact if rank is None else max(1, min(rank, exact))
+    root = S[:r].sqrt()
+    error = float(S[r:].norm() / S.norm().clamp_min(1e-300))
+    return (U[:, :r] * root).float(), (root[:, None] * Vh[:r]).float(), error
+
+
+def _lora_factors(layer: nn.Module, delta, rank: int | None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """(A, B, scaling, relative error) in PEFT's layout for one adapted layer."""
+    from ..adapters.lora import _kind
+
+    if rank is None and delta.config.registry_name == "lora":
+        A, B, s = delta.A.detach(), delta.B.detach(), delta.config.scaling
         if delta.offset() is not None:  # PiSSA: W_res + sBA = W0 + s[B, -B0][A; A0] (PEFT's own conversion)
             A, B = torch.cat([A, delta.A0]), torch.cat([B, -delta.B0], dim=1)
-        r = A.shape[0]
-        ranks[name] = r
-        alphas[name] = cfg.scaling * (r ** 0.5 if cfg.rslora else r)
-        dropouts.append(cfg.dropout)
-        rslora.append(cfg.rslora)
-        fan_in_fan_out.append(delta.kind == "conv1d_t")
-        a_key, b_key = _suffixes(delta.kind)
-        tensors[f"{PREFIX}{name}.{a_key}"] = A.detach()
-        tensors[f"{PREFIX}{name}.{b_key}"] = B.detach()
-    if len(set(rslora)) > 1 or len(set(fan_in_fan_out)) > 1:
-        raise SubspacesError("PEFT needs one use_rslora / fan_in_fan_out setting for the whole adapter")
+        return A, B, s, 0.0
+    kind = _kind(layer)
+    with torch.no_grad():
+        dw = delta.weight().float()
+        if delta.offset() is not None:
+            dw = dw - delta.offset().float()
+    w = layer.weight
+    matrix = dw.reshape(w.shape[0], -1) if kind in ("linear", "conv") else dw.T  # (d_out, d_in) as PEFT's B A
+    B, A, error = _svd_factors(matrix, rank)
+    if kind == "conv":
+        A = A.reshape(A.shape[0], *w.shape[1:])
+        B = B.reshape(*B.shape, *(1,) * (w.dim() - 2))
+    return A, B, 1.0, error
+
+
+def to_peft(model: nn.Module, *, rank: int | None = None, lora_only: bool = True) -> tuple[dict, dict, list[dict]]:
+    """(adapter_config.json contents, tensors, per-layer report) of the model's adapter as a PEFT LoRA.
+
+    ``lora_only``: refuse any method but ``lora`` (``save_adapter(format="peft")``); otherwise every foldable
+    adapter converts through the SVD of its ΔW — exact at ``rank=None``, the best rank-``rank`` approximation
+    otherwise (``export_lora``).
+    """
+    modules, saved, state = adapter_state(model)
+    tensors, ranks, alphas, dropouts, rslora, fan_in_fan_out, report = {}, {}, {}, [], [], [], []
+    for name, layer in adapted_layers(model):
+        delta = layer._modules[DELTA]
+        method = modules[name]["method"]
+        if lora_only and method != "lora":
+            raise SubspacesError(f"{name}: method {method!r} is not LoRA-shaped; save it with format='native' "
+                                 "or convert it with ss.export_lora")
+        A, B, scaling, error = _lora_factors(layer, delta, rank)
+        ranks[name] = A.shape[0]
+        alphas[name] = scaling  # turned into lora_alpha below, once use_rslora is known
+        dropouts.append(float(getattr(delta.config, "dropout", 0.0)))
+        rslora.append(method == "lora" and rank is None and delta.config.rslora)
+        fan_in_fan_out.append(type(layer).__name__ == "Conv1D")
+        a_key, b_key = _suffixes("embedding" if isinstance(layer, nn.Embedding) else "")
+        tensors[f"{PREFIX}{name}.{a_key}"] = A
+        tensors[f"{PREFIX}{name}.{b_key}"] = B
+        report.append({"name": name, "method": method, "rank": ranks[name], "relative_error": error})
+    if len(set(fan_in_fan_out)) > 1:
+        raise SubspacesError("PEFT needs one fan_in_fan_out setting for the whole adapter")
+    use_rslora = all(rslora)
+    alphas = {n: s * (ranks[n] ** 0.5 if use_rslora else ranks[n]) for n, s in alphas.items()}
     for key, value in state.items():
         if f".{DELTA}." not in key:  # modules_to_save
             tensors[PREFIX + key] = value
@@ -64,7 +105,7 @@ def to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         "exclude_modules": None,
         "rank_pattern": {f"^{re.escape(n)}": v for n, v in ranks.items() if v != r},
         "alpha_pattern": {f"^{re.escape(n)}": v for n, v in alphas.items() if v != alpha},
-        "use_rslora": rslora[0],
+        "use_rslora": use_rslora,
         "fan_in_fan_out": fan_in_fan_out[0],
         "bias": "none",
         "init_lora_weights": True,
@@ -73,7 +114,25 @@ def to_peft(model: nn.Module) -> tuple[dict, dict[str, torch.Tensor]]:
         "use_dora": False,
         "lora_bias": False,
     }
-    return config, tensors
+    return config, tensors, report
+
+
+def export_lora(model: nn.Module, path: str | Path, *, rank: int | None = None) -> list[dict]:
+    """Write any foldable adapter as a plain PEFT LoRA folder (servable by PEFT-format loaders).
+
+    ``rank=None`` is exact (each layer at the numerical rank of its ΔW); an integer truncates each ΔW to its best
+    rank-``rank`` approximation (SVD). Returns one row per layer: name, method, rank, relative Frobenius error of
+    the exported ΔW.
+    """
+    from .._io import atomic_dir, write_json, write_safetensors
+
+    if rank is not None and (not isinstance(rank, int) or rank <= 0):
+        raise SubspacesError(f"export_lora rank={rank!r}: must be a positive integer or None")
+    config, tensors, report = to_peft(model, rank=rank, lora_only=False)
+    with atomic_dir(path, overwrite_ours=(CONFIG, WEIGHTS)) as tmp:
+        write_safetensors(tmp / WEIGHTS, tensors, metadata={"format": "pt"})
+        write_json(tmp / CONFIG, config)
+    return report
 
 
 def _pattern_value(patterns: dict, name: str, default):
