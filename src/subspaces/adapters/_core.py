@@ -293,6 +293,8 @@ def attach_state(model: nn.Module, modules: dict[str, dict], saved: list[str],
     attached = []
     try:
         for name, spec in modules.items():
+            if not (isinstance(spec, dict) and isinstance(spec.get("config"), dict) and "method" in spec):
+                raise SubspacesError(f"{source}: the entry for {name!r} lacks its method or config")
             cls = ADAPTERS.get(spec["method"]).obj
             _attach(named[name], name, cls.from_dict(spec["config"]), init=False)
             attached.append(named[name])
