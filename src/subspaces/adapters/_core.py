@@ -47,6 +47,17 @@ class AdapterConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    # Training-schedule hooks (adapters/_schedule.py calls them once per optimizer step for all layers of a
+    # method): a loss penalty (SoRA's L1, AdaLoRA's orthogonality) and an update after optimizer.step()
+    # (proximal steps, rank allocation). Plain methods have neither.
+    @classmethod
+    def penalty(cls, deltas: list[Delta]) -> torch.Tensor | None:
+        return None
+
+    @classmethod
+    def after_step(cls, deltas: list[Delta], *, lr: float | None) -> None:
+        return None
+
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
         names = {f.name for f in dataclasses.fields(cls)}
@@ -60,6 +71,8 @@ class Delta(nn.Module):
     """The trainable part of one adapted layer."""
 
     active: bool = True
+    #: names of this delta's parameters trained without weight decay (``ss.adapters.param_groups``)
+    no_decay: tuple[str, ...] = ()
 
     def weight(self) -> torch.Tensor:
         """ΔW with the shape and layout of the base layer's weight."""

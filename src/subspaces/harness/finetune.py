@@ -74,7 +74,7 @@ def finetune(
 
     from ..data import load_task
     from ..models import load_encoder
-    from ..integrations.hf_trainer import RichProgress
+    from ..integrations.hf_trainer import AdapterSchedule, RichProgress
     from ._classifier import Collator, MeanPoolClassifier, embed, encode
 
     hyperparameters = dict(hyperparameters or {})
@@ -109,7 +109,7 @@ def finetune(
                 train = embed(clf, train, collate, device, bf16)
             trainer = Trainer(model=clf, args=args, train_dataset=train, data_collator=collate,
                               optimizers=(torch.optim.AdamW(groups, lr=lr, weight_decay=0.0), None),
-                              callbacks=[RichProgress(f"{method} on {task}")] if progress else [])
+                              callbacks=[AdapterSchedule()] + ([RichProgress(f"{method} on {task}")] if progress else []))
             trainer.remove_callback(PrinterCallback)  # our progress line replaces its printed log dicts
             trainer.train()
         wall = time.perf_counter() - start

@@ -1,6 +1,7 @@
-"""Hugging Face Trainer glue: a compact rich progress bar (one line, loss and throughput) for our runs."""
+"""Hugging Face Trainer glue: the adapters' schedule callback and a compact rich progress bar."""
 from __future__ import annotations
 
+import torch
 from transformers import TrainerCallback
 
 
@@ -35,3 +36,20 @@ class RichProgress(TrainerCallback):
         if self.progress is not None:
             self.progress.stop()
             self.progress = None
+
+
+class AdapterSchedule(TrainerCallback):
+    """Runs the adapters' training schedules inside an unmodified ``Trainer``: the gradient of
+    ``ss.adapters.penalty`` just before each optimizer step, ``ss.adapters.step`` right after it."""
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
+        from ..adapters._schedule import penalty
+
+        term = penalty(model)
+        if isinstance(term, torch.Tensor) and term.requires_grad:
+            term.backward()
+
+    def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
+        from ..adapters._schedule import step
+
+        step(model, lr=optimizer.param_groups[0]["lr"] if optimizer is not None else None)

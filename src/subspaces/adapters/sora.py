@@ -1,0 +1,128 @@
+"""SoRA: Sparse Low-rank Adaptation of Pre-trained Language Models (Ding et al., EMNLP 2023).
+https://arxiv.org/abs/2311.11696
+
+Update rule: y = W0 x + b + s · B (g ⊙ (A dropout(x))), s = α / r_max; after each optimizer step the gate takes a
+proximal (soft-threshold) step g ← sign(g)·max(|g| − ξ, 0), so whole rank components switch off and the adapter
+ends as a LoRA of per-module rank nnz(g) (``ss.export_lora`` writes exactly that, with PEFT's rank_pattern).
+Official code: https://github.com/TsinghuaC3I/SoRA (``src/lora.py``, ``src/sparse_optimizer.py``,
+``src/trainer.py``).
+
+As the official code (the default, ``threshold="constant"``): gates take an ordinary AdamW step with no weight
+decay (``Delta.no_decay``; ``ss.adapters.param_groups`` builds the optimizer groups), then the threshold ξ, not
+multiplied by the learning rate; ``threshold="lr_scaled"`` is the paper's form η_t·ξ. The code's extra L1 term
+``l1 · Σ|g| / numel(g)`` over all gates is ``ss.adapters.penalty``.
+Deviations: gates share the main optimizer and learning rate (the code's default sparse_lr equals the main lr)
+instead of a second optimizer; the sparsifying ξ schedule (paper Alg. 1) is left to the user (change ``xi`` via
+``dataclasses.replace`` on a new run). Only nn.Linear layers.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._errors import SubspacesError
+from .._registry import ADAPTERS
+from ._core import AdapterConfig, Delta
+
+_THRESHOLDS = ("constant", "lr_scaled")
+
+
+@ADAPTERS.register("sora", paper="https://arxiv.org/abs/2311.11696")
+@dataclass(frozen=True, kw_only=True)
+class SoRA(AdapterConfig):
+    """SoRA hyperparameters: ``rank`` is r_max; ``xi`` the gate threshold; ``l1`` the extra L1 weight."""
+
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    xi: float = 3e-4
+    l1: float = 0.0
+    threshold: str = "constant"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.rank, int) or self.rank <= 0:
+            raise SubspacesError(f"sora rank={self.rank!r}: must be a positive integer")
+        if not 0.0 <= self.dropout < 1.0:
+            raise SubspacesError(f"sora dropout={self.dropout!r}: must be in [0, 1)")
+        if self.xi < 0 or self.l1 < 0:
+            raise SubspacesError(f"sora xi={self.xi!r}, l1={self.l1!r}: must be >= 0")
+        if self.threshold not in _THRESHOLDS:
+            raise SubspacesError(f"sora threshold={self.threshold!r}: allowed {', '.join(_THRESHOLDS)}")
+
+    def num_trainable(self, layer: nn.Module) -> int:
+        return self.rank * (layer.in_features + layer.out_features + 1)
+
+    def build(self, layer: nn.Module, *, init: bool = True) -> SoRADelta:
+        if not isinstance(layer, nn.Linear):
+            raise SubspacesError(f"sora adapts nn.Linear layers, not {type(layer).__name__}")
+        if self.rank >= min(layer.in_features, layer.out_features):
+            raise SubspacesError(f"sora rank={self.rank} must be < min(d_in, d_out) = "
+                                 f"{min(layer.in_features, layer.out_features)}")
+        delta = SoRADelta(layer, self)
+        if init:
+            delta.reset()
+        return delta
+
+    @classmethod
+    def penalty(cls, deltas: list[Delta]) -> torch.Tensor | None:
+        weight = deltas[0].config.l1
+        if weight == 0:
+            return None
+        gates = [d.g for d in deltas]
+        return weight * sum(g.abs().sum() for g in gates) / sum(g.numel() for g in gates)
+
+    @classmethod
+    def after_step(cls, deltas: list[Delta], *, lr: float | None) -> None:
+        for d in deltas:
+            xi = d.config.xi
+            if d.config.threshold == "lr_scaled":
+                if lr is None:
+                    raise SubspacesError("sora threshold='lr_scaled' needs the learning rate: step(model, lr=...)")
+                xi = xi * lr
+            d.g.copy_(soft_threshold(d.g, xi))
+
+
+def soft_threshold(z: torch.Tensor, xi: float) -> torch.Tensor:
+    """T_ξ(z) = sign(z) · max(|z| − ξ, 0): the proximal map of ξ‖·‖₁."""
+    return torch.sign(z) * (z.abs() - xi).clamp_min(0)
+
+
+class SoRADelta(Delta):
+    no_decay = ("g",)
+
+    def __init__(self, layer: nn.Linear, config: SoRA) -> None:
+        super().__init__()
+        w = layer.weight
+        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        kw = dict(device=w.device, dtype=dtype)
+        r = config.rank
+        self.A = nn.Parameter(torch.zeros(r, layer.in_features, **kw))
+        self.B = nn.Parameter(torch.zeros(layer.out_features, r, **kw))
+        self.g = nn.Parameter(torch.zeros(r, **kw))
+        self.scaling = config.alpha / r
+        self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        nn.init.zeros_(self.B)  # ΔW = 0 at init whatever the gate
+        nn.init.normal_(self.g)
+
+    def weight(self) -> torch.Tensor:
+        return (self.B * self.g) @ self.A * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.A.dtype)
+        x = self.drop(x) if self.drop is not None else x
+        return F.linear(F.linear(x, self.A) * self.g, self.B) * self.scaling
+
+    def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        dt = output.dtype
+        x = x if x.dtype == dt else x.to(dt)
+        x = self.drop(x) if self.drop is not None else x
+        h = F.linear(x, self.A.to(dt)) * self.g.to(dt)
+        return output + F.linear(h, self.B.to(dt)) * self.scaling
