@@ -19,7 +19,15 @@ from subspaces._registry import ADAPTERS
 from subspaces.adapters._core import DELTA, AdapterConfig, adapted_layers
 
 OVERRIDES: dict[str, dict] = {
+    "sora": {"rank": 2},
+    "nola": {"rank": 2, "k_a": 8, "k_b": 8},
+    "randlora": {"rank": 4, "alpha": 8.0},
+    "lora_xs": {"rank": 2},
+    "lora_sb": {"rank": 2, "alpha": 16.0},
+    "svfit": {"energy": 1.0},  # r = k: tiny-init BERT logits move little under singular-value-only tuning
+    "salt": {"ratio": 0.25, "lora_rank": 2},
     "lora": {"rank": 2, "alpha": 4.0},
+    "flora": {"rank": 2, "alpha": 4.0},
 }
 
 MODELS = {

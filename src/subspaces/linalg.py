@@ -16,6 +16,7 @@ Device and dtype rules (all functions):
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import torch
@@ -28,6 +29,7 @@ __all__ = [
     "project_out",
     "principal_angles",
     "subspace_overlap",
+    "tucker_product",
 ]
 
 _HALF = (torch.float16, torch.bfloat16)
@@ -199,3 +201,24 @@ def subspace_overlap(A: Tensor, B: Tensor) -> Tensor:
     """
     _, _, cos = _cosines(A, B)
     return (cos**2).mean(-1).to(_result_dtype(torch.promote_types(A.dtype, B.dtype)))
+
+
+def tucker_product(core: Tensor, factors: Sequence[Tensor | None]) -> Tensor:
+    """The Tucker product ``core ×_1 U_1 ×_2 U_2 … ×_N U_N`` (Kolda & Bader 2009, "Tensor Decompositions and
+    Applications", SIAM Review 51(3), https://doi.org/10.1137/07070111X, mode-n product).
+
+    ``core`` (r_1, …, r_N); ``factors[n]`` (d_n, r_n), or None to leave mode n as it is. Returns
+    (d_1, …, d_N) with ``out[i_1..i_N] = Σ_a core[a_1..a_N] Π_n U_n[i_n, a_n]``; factors share the core's dtype.
+    """
+    if len(factors) != core.ndim:
+        raise ValueError(f"tucker_product: {len(factors)} factors for a core with {core.ndim} modes; "
+                         "give one (d_n, r_n) matrix or None per mode")
+    out = core
+    for n, U in enumerate(factors):
+        if U is None:
+            continue
+        if U.ndim != 2 or U.shape[1] != core.shape[n]:
+            raise ValueError(f"tucker_product: factor {n} has shape {tuple(U.shape)}; "
+                             f"expected (d, {core.shape[n]}) to match the core's mode {n}")
+        out = torch.movedim(torch.tensordot(out, U, dims=([n], [1])), -1, n)
+    return out

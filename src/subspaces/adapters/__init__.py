@@ -1,5 +1,14 @@
 """Adapters: fine-tune a few parameters in a subspace, fold them back. One file per method."""
 from ._core import AdapterConfig, Delta
+from .flora import FLoRA
 from .lora import LoRA
+from .lora_sb import LoRASB
+from .lora_xs import LoRAXS
+from .nola import NOLA
+from .randlora import RandLoRA
+from .salt import SALT
+from .sora import SoRA
+from .svfit import SVFit
+from ._schedule import param_groups, penalty, step
 
-__all__ = ["AdapterConfig", "Delta", "LoRA"]
+__all__ = ["AdapterConfig", "Delta", "FLoRA", "LoRA", "LoRASB", "LoRAXS", "NOLA", "RandLoRA", "SALT", "SVFit", "SoRA", "param_groups", "penalty", "step"]

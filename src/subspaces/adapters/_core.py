@@ -87,6 +87,12 @@ class Delta(nn.Module):
         return output + self(x).to(output.dtype)
 
 
+def master_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The dtype of an adapter's tensors on a base weight: fp32 on half-precision bases (the optimizer needs the
+    bits, as PEFT's autocast_adapter_dtype), the base dtype otherwise."""
+    return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
+
+
 def _hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     delta = layer._modules.get(DELTA)
     if delta is None or not delta.active:

@@ -23,7 +23,7 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta
+from ._core import AdapterConfig, Delta, master_dtype
 
 _INITS = ("kaiming", "gaussian", "pissa")
 
@@ -85,7 +85,9 @@ class LoRA(AdapterConfig):
     def build(self, layer: nn.Module, *, init: bool = True) -> LoRADelta:
         kind = _kind(layer)
         d_in, d_out = _dims(layer, kind)
-        if self.rank >= min(d_in, d_out):
+        # A fresh LoRA of rank >= min(d_in, d_out) costs more than full fine-tuning of the layer; an imported one
+        # (init=False: PEFT allows it, and an exact export of a full-rank update needs it) is taken as is.
+        if self.rank >= min(d_in, d_out) + (0 if init else 1):
             raise SubspacesError(f"lora rank={self.rank} must be < min(d_in, d_out) = {min(d_in, d_out)} "
                                  f"for this {type(layer).__name__} ({d_in} -> {d_out})")
         if self.init == "pissa" and kind not in ("linear", "conv1d_t"):
@@ -100,8 +102,7 @@ class LoRADelta(Delta):
     def __init__(self, layer: nn.Module, kind: str, config: LoRA) -> None:
         super().__init__()
         w = layer.weight
-        # Low-precision bases keep fp32 adapters (PEFT's autocast_adapter_dtype): the optimizer needs the bits.
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = master_dtype(w)
         kw = dict(device=w.device, dtype=dtype)
         r = config.rank
         self.kind, self.scaling = kind, config.scaling

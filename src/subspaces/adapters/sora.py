@@ -26,7 +26,7 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta
+from ._core import AdapterConfig, Delta, master_dtype
 
 _THRESHOLDS = ("constant", "lr_scaled")
 
@@ -97,7 +97,7 @@ class SoRADelta(Delta):
     def __init__(self, layer: nn.Linear, config: SoRA) -> None:
         super().__init__()
         w = layer.weight
-        dtype = torch.float32 if w.dtype in (torch.float16, torch.bfloat16) else w.dtype
+        dtype = master_dtype(w)
         kw = dict(device=w.device, dtype=dtype)
         r = config.rank
         self.A = nn.Parameter(torch.zeros(r, layer.in_features, **kw))
