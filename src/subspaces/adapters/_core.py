@@ -93,6 +93,24 @@ def master_dtype(weight: torch.Tensor) -> torch.dtype:
     return torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) else weight.dtype
 
 
+def linear_dims(layer: nn.Module, method: str) -> tuple[int, int, bool]:
+    """(d_in, d_out, transposed) of an nn.Linear or a transformers GPT-2 Conv1D (weight stored (d_in, d_out))."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features, False
+    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
+        d_in, d_out = layer.weight.shape
+        return d_in, d_out, True
+    raise SubspacesError(f"{method} cannot adapt a {type(layer).__name__}; supported: nn.Linear, "
+                         "transformers Conv1D")
+
+
+def stable_seed(*parts: object) -> int:
+    """A 63-bit seed from ints and strings, the same in every process (Python's ``hash`` of a str is not)."""
+    import hashlib
+
+    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
+
+
 def _hook(layer: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor | None:
     delta = layer._modules.get(DELTA)
     if delta is None or not delta.active:

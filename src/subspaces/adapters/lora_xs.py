@@ -27,18 +27,7 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, master_dtype
-
-
-def layer_dims(layer: nn.Module, method: str) -> tuple[int, int, bool]:
-    """(d_in, d_out, transposed) of a Linear-like layer; ``transposed`` for GPT-2 Conv1D (weight (d_in, d_out))."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features, False
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        d_in, d_out = layer.weight.shape
-        return d_in, d_out, True
-    raise SubspacesError(f"{method} cannot adapt a {type(layer).__name__}; supported: nn.Linear, "
-                         "transformers Conv1D")
+from ._core import AdapterConfig, Delta, linear_dims, master_dtype
 
 
 def check_common(method: str, rank: int, alpha: float | None, dropout: float) -> None:
@@ -52,7 +41,7 @@ def check_common(method: str, rank: int, alpha: float | None, dropout: float) ->
 
 
 def check_rank(method: str, rank: int, layer: nn.Module) -> tuple[int, int, bool]:
-    d_in, d_out, transposed = layer_dims(layer, method)
+    d_in, d_out, transposed = linear_dims(layer, method)
     if rank > min(d_in, d_out):
         raise SubspacesError(f"{method} rank={rank} must be <= min(d_in, d_out) = {min(d_in, d_out)} "
                              f"for this {type(layer).__name__} ({d_in} -> {d_out})")
@@ -97,7 +86,7 @@ class LatentDelta(Delta):
 
     def __init__(self, layer: nn.Module, rank: int, scaling: float, dropout: float) -> None:
         super().__init__()
-        d_in, d_out, self.transposed = layer_dims(layer, "latent")
+        d_in, d_out, self.transposed = linear_dims(layer, "latent")
         w = layer.weight
         dtype = master_dtype(w)
         kw = dict(device=w.device, dtype=dtype)

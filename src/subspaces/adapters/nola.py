@@ -24,7 +24,6 @@ Layers: nn.Linear and transformers' GPT-2 Conv1D (weight stored (d_in, d_out)).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -35,25 +34,11 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, master_dtype
+from ._core import AdapterConfig, Delta, linear_dims, master_dtype, stable_seed
 
 _INITS = ("lora", "uniform_coef")
 _CHUNK = 64  # bases regenerated at a time when cache_bases=False
 _CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
-
-
-def _mix(*parts) -> int:
-    """A stable 63-bit seed from ints and strings (Python's ``hash`` of a str changes between processes)."""
-    return int.from_bytes(hashlib.blake2b(repr(parts).encode(), digest_size=8).digest(), "little") >> 1
-
-
-def _dims(layer: nn.Module) -> tuple[int, int, bool]:
-    """(d_in, d_out, transposed) of a Linear or a transformers Conv1D."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features, False
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        return layer.weight.shape[0], layer.weight.shape[1], True
-    raise SubspacesError(f"nola cannot adapt a {type(layer).__name__}; supported: Linear, transformers Conv1D")
 
 
 def _bases(seed: int, tag: str, lo: int, hi: int, shape: tuple[int, int], bound: float,
@@ -61,7 +46,7 @@ def _bases(seed: int, tag: str, lo: int, hi: int, shape: tuple[int, int], bound:
     """Bases lo..hi-1 of one factor, (hi-lo, *shape), each U(-bound, bound) from its own CPU generator."""
     out = torch.empty(hi - lo, *shape)
     for i in range(lo, hi):
-        g = torch.Generator().manual_seed(_mix(seed, tag, i))
+        g = torch.Generator().manual_seed(stable_seed(seed, tag, i))
         out[i - lo] = (torch.rand(shape, generator=g) * 2 - 1) * bound
     return out.to(device=device, dtype=dtype)
 
@@ -117,7 +102,7 @@ class NOLA(AdapterConfig):
             raise SubspacesError(f"nola init={self.init!r}: allowed {', '.join(_INITS)}")
 
     def num_trainable(self, layer: nn.Module) -> int:
-        _dims(layer)
+        linear_dims(layer, "nola")
         return self.k_a + self.k_b
 
     def build(self, layer: nn.Module, *, init: bool = True) -> NOLADelta:
@@ -127,12 +112,12 @@ class NOLA(AdapterConfig):
 class NOLADelta(Delta):
     def __init__(self, layer: nn.Module, config: NOLA) -> None:
         super().__init__()
-        d_in, d_out, self.transposed = _dims(layer)
+        d_in, d_out, self.transposed = linear_dims(layer, "nola")
         w = layer.weight
         dtype = master_dtype(w)
         r, ka, kb = config.rank, config.k_a, config.k_b
         self.scaling = config.alpha / r
-        self.seed = _mix(config.seed, "nola", d_out, d_in, r, config.init)
+        self.seed = stable_seed(config.seed, "nola", d_out, d_in, r, config.init)
         if config.init == "lora":
             self.bounds = {"A": 1 / math.sqrt(ka), "B": 1 / math.sqrt(kb)}
         else:  # kaiming-uniform(a=√5) of the ViT code's (k, d_in, r) and (k, r, d_out) basis stacks

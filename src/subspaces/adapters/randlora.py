@@ -29,7 +29,6 @@ Layers: nn.Linear and transformers' GPT-2 Conv1D (weight stored (d_in, d_out)).
 """
 from __future__ import annotations
 
-import hashlib
 import math
 import weakref
 from dataclasses import dataclass
@@ -40,7 +39,7 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, master_dtype
+from ._core import AdapterConfig, Delta, linear_dims, master_dtype, stable_seed
 
 _BASES = ("dense", "sparse", "very_sparse")
 _SCALINGS = ("peft", "loralib")
@@ -48,20 +47,11 @@ _BLOCK = 256  # rows drawn per generator seed
 _CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def _dims(layer: nn.Module) -> tuple[int, int, bool]:
-    """(d_in, d_out, transposed) of a Linear or a transformers Conv1D."""
-    if isinstance(layer, nn.Linear):
-        return layer.in_features, layer.out_features, False
-    if type(layer).__name__ == "Conv1D" and hasattr(layer, "nf"):
-        return layer.weight.shape[0], layer.weight.shape[1], True
-    raise SubspacesError(f"randlora cannot adapt a {type(layer).__name__}; supported: Linear, transformers Conv1D")
-
-
 def _rows(key: tuple, n: int, r: int) -> torch.Tensor:
     """U(0, 1) of shape (n, r), drawn in blocks of rows so that a smaller n gives a prefix of a larger one."""
     blocks = []
     for b in range(math.ceil(n / _BLOCK)):
-        seed = int.from_bytes(hashlib.blake2b(repr((*key, b)).encode(), digest_size=8).digest(), "little") >> 1
+        seed = stable_seed(*key, b)
         blocks.append(torch.rand(_BLOCK, r, generator=torch.Generator().manual_seed(seed)))
     return torch.cat(blocks)[:n]
 
@@ -123,7 +113,7 @@ class RandLoRA(AdapterConfig):
             raise SubspacesError(f"randlora scaling={self.scaling!r}: allowed {', '.join(_SCALINGS)}")
 
     def num_trainable(self, layer: nn.Module) -> int:
-        d_in, d_out, _ = _dims(layer)
+        d_in, d_out, _ = linear_dims(layer, "randlora")
         d_min = min(d_in, d_out)
         n = math.ceil(d_min / self.rank)
         return n * self.rank + n * d_min
@@ -135,7 +125,7 @@ class RandLoRA(AdapterConfig):
 class RandLoRADelta(Delta):
     def __init__(self, layer: nn.Module, config: RandLoRA) -> None:
         super().__init__()
-        d_in, d_out, self.transposed = _dims(layer)
+        d_in, d_out, self.transposed = linear_dims(layer, "randlora")
         w = layer.weight
         dtype = master_dtype(w)
         r, d_min, d_max = config.rank, min(d_in, d_out), max(d_in, d_out)

@@ -31,7 +31,8 @@ from ._core import AdapterConfig, Delta, master_dtype
 _THRESHOLDS = ("constant", "lr_scaled")
 
 
-@ADAPTERS.register("sora", paper="https://arxiv.org/abs/2311.11696")
+@ADAPTERS.register("sora", paper="https://arxiv.org/abs/2311.11696", status="partial",
+                   note="the sparsifying xi schedule (paper Alg. 1) is not built in")
 @dataclass(frozen=True, kw_only=True)
 class SoRA(AdapterConfig):
     """SoRA hyperparameters: ``rank`` is r_max; ``xi`` the gate threshold; ``l1`` the extra L1 weight."""
