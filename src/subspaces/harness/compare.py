@@ -64,8 +64,8 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in rows:
-        ax.scatter(r["trainable_params"], r["test_accuracy"], s=40)
+    for i, r in enumerate(rows):
+        ax.scatter(r["trainable_params"], r["test_accuracy"], s=40, color=plt.cm.tab20(i % 20))
         ax.annotate(r["label"], (r["trainable_params"], r["test_accuracy"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=9)
     ax.set_xscale("log")
