@@ -62,3 +62,29 @@ def test_classifier_features_path_equals_token_path():
         via = clf(**feats)
     torch.testing.assert_close(via["logits"], direct["logits"])
     torch.testing.assert_close(via["loss"], direct["loss"])
+
+
+def test_data_init_runs_lora_sb_gradient_init_and_refuses_other_methods():
+    from transformers import BertConfig, BertModel
+
+    import subspaces as ss
+    from subspaces.adapters._core import DELTA, adapted_layers
+    from subspaces.harness._classifier import Collator, MeanPoolClassifier
+    from subspaces.harness.finetune import configure, data_init
+
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=50))
+    clf = MeanPoolClassifier(enc, 3)
+    configure(clf, "lora_sb", {"rank": 2})
+    rows = [{"input_ids": [1 + i, 5, 7], "labels": i % 3} for i in range(8)]
+    batches = [Collator(0)(rows[:4]), Collator(0)(rows[4:])]
+    delta = adapted_layers(clf)[0][1]._modules[DELTA]
+    assert delta.R.abs().max() == 0  # plain init
+    data_init(clf, "lora_sb", batches, 2, lr=1e-3, total_steps=10)
+    assert delta.R.abs().max() > 0  # the gradient-estimate init set R = Σ_r / s
+    with pytest.raises(SubspacesError, match="no data-driven initialization"):
+        data_init(clf, "lora", batches, 2, lr=1e-3, total_steps=10)
+    with pytest.raises(SubspacesError, match="init_batches"):
+        data_init(clf, "lora_sb", batches, "x", lr=1e-3, total_steps=10)
+    assert ss.adapter_parameters(clf)

@@ -11,7 +11,7 @@ original keys again.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -35,6 +35,9 @@ class AdapterConfig:
     registry_name: ClassVar[str]
     #: False for methods whose paper starts from ΔW ≠ 0 (the conformance tests then skip the identity check).
     identity_at_init: ClassVar[bool] = True
+    #: A data-driven initialization ``f(model, batches, loss_fn, *, lr, warmup_steps)`` run after ``adapt_``
+    #: (LoRA-SB's gradient estimate); the harness calls it when given ``init_batches``.
+    data_init: ClassVar[Callable | None] = None
 
     def build(self, layer: nn.Module, *, init: bool = True) -> Delta:
         """A delta for ``layer``; ``init=False`` skips costly initialization (the state is loaded next)."""

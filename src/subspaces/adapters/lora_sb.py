@@ -154,3 +154,6 @@ def init_from_gradients_(
         update = -eta * torch.sign(g)  # ΔW₁ in the weight's layout
         _set_factors(d, update.T if d.transposed else update, svd=svd)
     return model
+
+
+LoRASB.data_init = staticmethod(init_from_gradients_)

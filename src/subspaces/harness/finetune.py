@@ -8,6 +8,7 @@ so N processes reproduce one process with the same batch.
 """
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -20,6 +21,7 @@ from ._memory import PeakMemory
 
 BASELINES = ("probe", "full")
 DEFAULT_LR = {"probe": 3e-2, "full": 1e-4, "adapter": 1e-3}
+WARMUP = 0.06  # fraction of the steps with a linear learning-rate warmup
 HEAD_LR = 5e-3  # the fresh classification head learns at the probe's rate whatever the method
 
 
@@ -51,6 +53,20 @@ def configure(clf: torch.nn.Module, method: str, hyperparameters: dict[str, Any]
         ss.adapt_(clf, method, targets=targets, modules_to_save=["classifier"], **hp)
 
 
+def data_init(clf: torch.nn.Module, method: str, batches: list, n: int, *, lr: float, total_steps: float) -> None:
+    """Run the method's data-driven initialization on the first ``n`` training batches, with the harness's
+    warmup (``WARMUP`` of the steps), as the official LoRA-SB code uses it."""
+    from .._registry import ADAPTERS
+
+    hook = ADAPTERS.get(method).obj.data_init if method not in BASELINES else None
+    if hook is None:
+        raise SubspacesError(f"method {method!r} has no data-driven initialization (init_batches)")
+    if not isinstance(n, int) or n <= 0:
+        raise SubspacesError(f"init_batches={n!r}: must be a positive integer")
+    hook(clf, batches[:n], lambda model, batch: model(**batch)["loss"], lr=lr,
+         warmup_steps=max(1.0, math.ceil(WARMUP * total_steps)))
+
+
 def finetune(
     *,
     model: str = "minilm",
@@ -78,22 +94,27 @@ def finetune(
     from ._classifier import Collator, MeanPoolClassifier, embed, encode
 
     hyperparameters = dict(hyperparameters or {})
+    hp = dict(hyperparameters)
+    init_batches = hp.pop("init_batches", 0)  # for a data-driven init (AdapterConfig.data_init)
     data = load_task(task, seed=seed)
     encoder, tokenizer = load_encoder(model)
     set_seed(seed)
     clf = MeanPoolClassifier(encoder, data.num_labels)
-    configure(clf, method, hyperparameters, adapter)
+    configure(clf, method, hp, adapter)
     train = encode(tokenizer, data.train_texts[:max_train], data.train_labels[:max_train], max_length)
     test = encode(tokenizer, data.test_texts[:max_test], data.test_labels[:max_test], max_length)
     lr = lr if lr is not None else DEFAULT_LR.get(method, DEFAULT_LR["adapter"])
     collate = Collator(tokenizer.pad_token_id)
+    if init_batches:
+        data_init(clf, method, [collate(train[i:i + batch_size]) for i in range(0, len(train), batch_size)],
+                  init_batches, lr=lr, total_steps=math.ceil(len(train) / batch_size) * epochs)
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     with tempfile.TemporaryDirectory(prefix="subspaces-trainer-") as scratch:
         args = TrainingArguments(
             output_dir=scratch, per_device_train_batch_size=batch_size, per_device_eval_batch_size=64,
             num_train_epochs=epochs, learning_rate=lr, weight_decay=0.0, lr_scheduler_type="linear",
-            warmup_steps=0.06, logging_steps=5, save_strategy="no", report_to="none", seed=seed, data_seed=seed,
+            warmup_steps=WARMUP, logging_steps=5, save_strategy="no", report_to="none", seed=seed, data_seed=seed,
             disable_tqdm=True, use_cpu=not cuda, bf16=bf16, log_level="error", remove_unused_columns=False,
             ddp_backend="gloo" if distributed and not cuda else None,
             accelerator_config={"split_batches": True},  # N processes = one process with the same global batch
