@@ -89,6 +89,17 @@ def randomize_adapters(model: nn.Module, seed: int = 0, std: float = 0.1) -> Non
                 p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype) * std)
 
 
+def with_spectrum(S: list[float], d_out: int = 10, d_in: int = 14, seed: int = 0) -> nn.Linear:
+    """A Linear whose weight has exactly the singular values ``S`` (descending)."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(d_out, len(S), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(d_in, len(S), generator=g, dtype=torch.float64)).Q
+    lin = nn.Linear(d_in, d_out)
+    with torch.no_grad():
+        lin.weight.copy_((U * torch.tensor(S, dtype=torch.float64)) @ V.T)
+    return lin
+
+
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import ids, llama_causal, logits
+from conftest import ids, llama_causal, logits, with_spectrum
 from torch import nn
 
 import subspaces as ss
@@ -21,17 +21,6 @@ def one_layer(layer: nn.Module, **kw) -> nn.Module:
     m.layer = layer
     ss.adapt_(m, "svfit", targets=["layer"], **kw)
     return m
-
-
-def with_spectrum(S: list[float], d_out: int = 10, d_in: int = 14, seed: int = 0) -> nn.Linear:
-    """A Linear whose weight has exactly the singular values ``S`` (descending)."""
-    g = torch.Generator().manual_seed(seed)
-    U = torch.linalg.qr(torch.randn(d_out, len(S), generator=g, dtype=torch.float64)).Q
-    V = torch.linalg.qr(torch.randn(d_in, len(S), generator=g, dtype=torch.float64)).Q
-    lin = nn.Linear(d_in, d_out)
-    with torch.no_grad():
-        lin.weight.copy_((U * torch.tensor(S, dtype=torch.float64)) @ V.T)
-    return lin
 
 
 def perturb(delta, seed: int = 0, std: float = 0.3) -> None:
