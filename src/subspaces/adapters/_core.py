@@ -90,6 +90,18 @@ class Delta(nn.Module):
         return output + self(x).to(output.dtype)
 
 
+def validate_common(config: AdapterConfig) -> None:
+    """The checks every adapter config shares: a positive integer ``rank`` and ``dropout`` in [0, 1), where the
+    config has them (``rank=None`` means the method derives it)."""
+    name = getattr(config, "registry_name", type(config).__name__)
+    rank = getattr(config, "rank", None)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise SubspacesError(f"{name} rank={rank!r}: must be a positive integer")
+    dropout = getattr(config, "dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+        raise SubspacesError(f"{name} dropout={dropout!r}: must be in [0, 1)")
+
+
 def master_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype of an adapter's tensors on a base weight: fp32 on half-precision bases (the optimizer needs the
     bits, as PEFT's autocast_adapter_dtype), the base dtype otherwise."""

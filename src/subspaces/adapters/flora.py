@@ -37,7 +37,7 @@ from torch import nn
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
 from ..linalg import tucker_product
-from ._core import AdapterConfig, Delta, master_dtype
+from ._core import AdapterConfig, Delta, master_dtype, validate_common
 
 _INITS = ("kaiming_normal", "kaiming_uniform")
 _CONVS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
@@ -66,13 +66,10 @@ class FLoRA(AdapterConfig):
     init: str = "kaiming_normal"
 
     def __post_init__(self) -> None:
-        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
-            raise SubspacesError(f"flora rank={self.rank!r}: must be a positive integer")
+        validate_common(self)
         k = self.kernel_rank
         if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
             raise SubspacesError(f"flora kernel_rank={k!r}: must be a positive integer or None (full rank)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SubspacesError(f"flora dropout={self.dropout!r}: must be in [0, 1)")
         if self.init not in _INITS:
             raise SubspacesError(f"flora init={self.init!r}: allowed {', '.join(_INITS)}")
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, master_dtype
+from ._core import AdapterConfig, Delta, master_dtype, validate_common
 
 _INITS = ("kaiming", "gaussian", "pissa")
 
@@ -67,10 +67,7 @@ class LoRA(AdapterConfig):
     init: str = "kaiming"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise SubspacesError(f"lora rank={self.rank!r}: must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SubspacesError(f"lora dropout={self.dropout!r}: must be in [0, 1)")
+        validate_common(self)
         if self.init not in _INITS:
             raise SubspacesError(f"lora init={self.init!r}: allowed {', '.join(_INITS)}")
 

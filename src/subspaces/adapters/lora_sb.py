@@ -53,7 +53,7 @@ class LoRASB(AdapterConfig):
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        check_common("lora_sb", self.rank, self.alpha, self.dropout)
+        check_common(self)
 
     @property
     def scaling(self) -> float:

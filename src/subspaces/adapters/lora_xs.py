@@ -27,17 +27,15 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, linear_dims, master_dtype
+from ._core import AdapterConfig, Delta, linear_dims, master_dtype, validate_common
 
 
-def check_common(method: str, rank: int, alpha: float | None, dropout: float) -> None:
-    """Validation shared by LoRA-XS and LoRA-SB configs."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0:
-        raise SubspacesError(f"{method} rank={rank!r}: must be a positive integer")
+def check_common(config: AdapterConfig) -> None:
+    """Validation shared by LoRA-XS and LoRA-SB configs: rank and dropout, and a positive alpha (or None)."""
+    validate_common(config)
+    alpha = config.alpha
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or alpha <= 0):
-        raise SubspacesError(f"{method} alpha={alpha!r}: must be a positive number")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise SubspacesError(f"{method} dropout={dropout!r}: must be in [0, 1)")
+        raise SubspacesError(f"{config.registry_name} alpha={alpha!r}: must be a positive number")
 
 
 def check_rank(method: str, rank: int, layer: nn.Module) -> tuple[int, int, bool]:
@@ -62,7 +60,7 @@ class LoRAXS(AdapterConfig):
     init_std: float = 1e-5  # σ of R's Gaussian init (official code: 1e-5); 0 gives ΔW = 0 exactly
 
     def __post_init__(self) -> None:
-        check_common("lora_xs", self.rank, self.alpha, self.dropout)
+        check_common(self)
         if not isinstance(self.init_std, (int, float)) or self.init_std < 0:
             raise SubspacesError(f"lora_xs init_std={self.init_std!r}: must be a number >= 0")
 

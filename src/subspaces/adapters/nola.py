@@ -34,7 +34,7 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, linear_dims, master_dtype, stable_seed
+from ._core import AdapterConfig, Delta, linear_dims, master_dtype, stable_seed, validate_common
 
 _INITS = ("lora", "uniform_coef")
 _CHUNK = 64  # bases regenerated at a time when cache_bases=False
@@ -90,14 +90,13 @@ class NOLA(AdapterConfig):
     cache_bases: bool = True
 
     def __post_init__(self) -> None:
-        for f in ("rank", "k_a", "k_b"):
+        validate_common(self)
+        for f in ("k_a", "k_b"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise SubspacesError(f"nola {f}={v!r}: must be a positive integer")
         if not isinstance(self.seed, int) or self.seed < 0:
             raise SubspacesError(f"nola seed={self.seed!r}: must be a non-negative integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SubspacesError(f"nola dropout={self.dropout!r}: must be in [0, 1)")
         if self.init not in _INITS:
             raise SubspacesError(f"nola init={self.init!r}: allowed {', '.join(_INITS)}")
 

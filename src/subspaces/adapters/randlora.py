@@ -39,7 +39,7 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, linear_dims, master_dtype, stable_seed
+from ._core import AdapterConfig, Delta, linear_dims, master_dtype, stable_seed, validate_common
 
 _BASES = ("dense", "sparse", "very_sparse")
 _SCALINGS = ("peft", "loralib")
@@ -101,12 +101,9 @@ class RandLoRA(AdapterConfig):
     scaling: str = "peft"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank <= 0:
-            raise SubspacesError(f"randlora rank={self.rank!r}: must be a positive integer")
+        validate_common(self)
         if not isinstance(self.seed, int) or self.seed < 0:
             raise SubspacesError(f"randlora seed={self.seed!r}: must be a non-negative integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SubspacesError(f"randlora dropout={self.dropout!r}: must be in [0, 1)")
         if self.bases not in _BASES:
             raise SubspacesError(f"randlora bases={self.bases!r}: allowed {', '.join(_BASES)}")
         if self.scaling not in _SCALINGS:

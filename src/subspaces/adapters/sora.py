@@ -26,7 +26,7 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, master_dtype
+from ._core import AdapterConfig, Delta, master_dtype, validate_common
 
 _THRESHOLDS = ("constant", "lr_scaled")
 
@@ -45,10 +45,7 @@ class SoRA(AdapterConfig):
     threshold: str = "constant"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.rank, int) or self.rank <= 0:
-            raise SubspacesError(f"sora rank={self.rank!r}: must be a positive integer")
-        if not 0.0 <= self.dropout < 1.0:
-            raise SubspacesError(f"sora dropout={self.dropout!r}: must be in [0, 1)")
+        validate_common(self)
         if self.xi < 0 or self.l1 < 0:
             raise SubspacesError(f"sora xi={self.xi!r}, l1={self.l1!r}: must be >= 0")
         if self.threshold not in _THRESHOLDS:
