@@ -157,7 +157,8 @@ def test_native_save_load_round_trip(name, model, tmp_path):
 def test_trainable_count_matches_config(name, model):
     _, m = setup(name, model)
     layers = adapted_layers(m)
-    expected = sum(layer._modules[DELTA].config.num_trainable(layer) for _, layer in layers)
+    config = layers[0][1]._modules[DELTA].config
+    expected = config.num_trainable_total([layer for _, layer in layers])
     assert sum(p.numel() for p in ss.adapter_parameters(m)) == expected
     assert sum(p.numel() for p in m.parameters() if p.requires_grad) == expected
 

@@ -16,6 +16,7 @@ from .adapters._core import (
     adapter_parameters,
     adapters_disabled,
     fold_,
+    truncate_,
     unadapt_,
 )
 from .adapters._saving import load_adapter, save_adapter
@@ -34,6 +35,7 @@ __all__ = [
     "list_methods",
     "load_adapter",
     "save_adapter",
+    "truncate_",
     "unadapt_",
     *_LAZY,
 ]

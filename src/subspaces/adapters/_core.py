@@ -58,8 +58,20 @@ class AdapterConfig:
         return None
 
     @classmethod
-    def after_step(cls, deltas: list[Delta], *, lr: float | None) -> None:
+    def after_step(cls, deltas: list[Delta], *, lr: float | None, optimizer: Any = None) -> None:
+        """``optimizer`` (when given) lets a method that grows its tensors register them (IncreLoRA)."""
         return None
+
+    # Methods whose layers share tensors (MoS's shard pools, the intrinsic-dimension θ_d) create them here:
+    # called once per adapt_ call (and once per saved group at load) after every layer is attached, before the
+    # base offsets and before a load. The convention: the first delta owns the shared tensors as its own
+    # parameters (so they are saved once and moved with the model); the others reach them through ``owner_of``.
+    def share(self, deltas: list[Delta], *, init: bool) -> None:
+        return None
+
+    def num_trainable_total(self, layers: list[nn.Module]) -> int:
+        """The paper's trainable-parameter count for all ``layers`` adapted together (shared tensors once)."""
+        return sum(self.num_trainable(layer) for layer in layers)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AdapterConfig:
@@ -88,6 +100,35 @@ class Delta(nn.Module):
     def add_to(self, output: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The adapted output: base ``output`` plus this branch applied to the layer input ``x``."""
         return output + self(x).to(output.dtype)
+
+    def prepare_load(self, state: dict[str, torch.Tensor]) -> None:
+        """Make this delta's tensors match a saved ``state`` (keys relative to the delta) before it is loaded:
+        methods whose ranks change in training (AdaLoRA, IncreLoRA, Maestro) resize here, e.g. with
+        ``resize_to``. By default a shape mismatch is an error."""
+
+    def truncate_(self, rank: int) -> None:
+        """Keep the leading ``rank`` components (``ss.truncate_``); only methods with an ordered basis can."""
+        raise SubspacesError(f"{self.config.registry_name} has no ordered rank to truncate")
+
+
+def resize_to(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Give ``module``'s own parameters and buffers the shapes they have in ``state`` (values are loaded next)."""
+    for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        saved = state.get(name)
+        if saved is not None and saved.shape != tensor.shape:
+            tensor.data = torch.empty(saved.shape, dtype=tensor.dtype, device=tensor.device)
+
+
+def owner_of(delta: Delta) -> Delta:
+    """The delta that holds the tensors ``delta`` shares with the other layers of its group (itself if none)."""
+    return delta.__dict__.get("_owner", delta)
+
+
+def set_owner(delta: Delta, owner: Delta) -> None:
+    """Let ``delta`` reach ``owner``'s shared tensors without registering ``owner`` as its child (which would
+    save the shared tensors once per layer)."""
+    if owner is not delta:
+        delta.__dict__["_owner"] = owner
 
 
 def validate_common(config: AdapterConfig) -> None:
@@ -156,13 +197,13 @@ def _freeze(model: nn.Module) -> dict:
     state = model.__dict__.get(_STATE)
     if state is None:
         flags = {n: p.requires_grad for n, p in model.named_parameters()}
-        state = {"requires_grad": flags, "modules_to_save": {}}
+        state = {"requires_grad": flags, "modules_to_save": {}, "groups": 0}
         model.__dict__[_STATE] = state
         model.requires_grad_(False)
     return state
 
 
-def _attach(layer: nn.Module, name: str, config: AdapterConfig, *, init: bool) -> Delta:
+def _attach(layer: nn.Module, name: str, config: AdapterConfig, *, init: bool, group: int) -> Delta:
     if DELTA in layer._modules:
         raise SubspacesError(f"{name} is already adapted; fold_ or unadapt_ it first")
     try:
@@ -170,6 +211,7 @@ def _attach(layer: nn.Module, name: str, config: AdapterConfig, *, init: bool) -
     except SubspacesError as e:
         raise SubspacesError(f"{name}: {e}") from None
     delta.config = config
+    delta.group = group  # layers adapted by one adapt_ call: the unit of shared tensors
     delta.train(layer.training)  # a new module defaults to train mode: follow the model (no dropout in eval)
     layer.add_module(DELTA, delta)
     delta._handle = layer.register_forward_hook(_hook)
@@ -224,18 +266,24 @@ def adapt_(
         raise SubspacesError(f"cannot adapt {bypassed[0]}: nn.MultiheadAttention uses its weight without calling "
                              "its forward, so an adapter there would have no effect; exclude it")
     state = _freeze(model)
-    done = []
+    group = state["groups"]
+    done, offset = [], []
     try:
+        deltas = []
         for name, layer in chosen:
-            _attach(layer, name, config, init=True)
-            _apply_offset(layer, -1)
+            deltas.append(_attach(layer, name, config, init=True, group=group))
             done.append(layer)
+        config.share(deltas, init=True)
+        for layer in done:
+            _apply_offset(layer, -1)
+            offset.append(layer)
     except BaseException:
         for layer in done:  # leave the model as it was
-            _detach(layer, restore=True)
+            _detach(layer, restore=layer in offset)
         if not adapted_layers(model):
             _restore(model, modules=True)
         raise
+    state["groups"] += 1
     _set_modules_to_save(model, state, modules_to_save)
     return model
 
@@ -304,6 +352,26 @@ def adapters_disabled(model: nn.Module) -> Iterator[nn.Module]:
         _load_modules(model, trained)
 
 
+def truncate_(model: nn.Module, rank: int | dict[str, int]) -> nn.Module:
+    """Keep the leading ``rank`` components of every adapted layer (a dict gives per-layer ranks by layer name),
+    deploying a smaller rank without retraining (Maestro's ordered decomposition)."""
+    layers = adapted_layers(model)
+    if not layers:
+        raise SubspacesError("truncate_: the model has no adapter")
+    if isinstance(rank, dict):
+        unknown = sorted(set(rank) - {n for n, _ in layers})
+        if unknown:
+            raise SubspacesError(f"truncate_: {unknown[0]!r} is not an adapted layer")
+    for name, layer in layers:
+        k = rank.get(name) if isinstance(rank, dict) else rank
+        if k is None:
+            continue
+        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+            raise SubspacesError(f"truncate_: rank {k!r} for {name} must be a positive integer")
+        layer._modules[DELTA].truncate_(k)
+    return model
+
+
 def adapter_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The trainable parameters of every adapter, plus those of ``modules_to_save``."""
     params: list[nn.Parameter] = []
@@ -324,7 +392,8 @@ def adapter_state(model: nn.Module) -> tuple[dict[str, dict], list[str], dict[st
     tensors = {}
     for name, layer in layers:
         delta = layer._modules[DELTA]
-        modules[name] = {"method": delta.config.registry_name, "config": delta.config.to_dict()}
+        modules[name] = {"method": delta.config.registry_name, "config": delta.config.to_dict(),
+                         "group": delta.group}
         tensors.update({f"{name}.{DELTA}.{k}": v for k, v in delta.state_dict().items()})
     saved = list(model.__dict__.get(_STATE, {}).get("modules_to_save", []))
     all_modules = dict(model.named_modules())
@@ -344,12 +413,23 @@ def attach_state(model: nn.Module, modules: dict[str, dict], saved: list[str],
     state = _freeze(model)
     attached = []
     try:
+        groups: dict[tuple, list[Delta]] = {}  # a saved group with one method and config shares tensors
         for name, spec in modules.items():
             if not (isinstance(spec, dict) and isinstance(spec.get("config"), dict) and "method" in spec):
                 raise SubspacesError(f"{source}: the entry for {name!r} lacks its method or config")
             cls = ADAPTERS.get(spec["method"]).obj
-            _attach(named[name], name, cls.from_dict(spec["config"]), init=False)
+            config = cls.from_dict(spec["config"])
+            key = (spec.get("group", 0), spec["method"], repr(config))
+            group = state["groups"] + list(groups).index(key) if key in groups else state["groups"] + len(groups)
+            groups.setdefault(key, []).append(_attach(named[name], name, config, init=False, group=group))
             attached.append(named[name])
+        for deltas in groups.values():
+            deltas[0].config.share(deltas, init=False)
+        state["groups"] += len(groups)
+        prefix = f".{DELTA}."
+        for name, layer in zip(modules, attached):
+            mine = {k[len(name) + len(prefix):]: v for k, v in tensors.items() if k.startswith(name + prefix)}
+            layer._modules[DELTA].prepare_load(mine)
         own = model.state_dict()
         unexpected = sorted(set(tensors) - set(own))
         if unexpected:

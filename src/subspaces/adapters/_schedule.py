@@ -5,7 +5,7 @@ In a custom loop::
     loss = task_loss + ss.adapters.penalty(model)     # 0 when no adapter has a penalty
     loss.backward()
     optimizer.step()
-    ss.adapters.step(model, lr=current_lr)            # proximal updates, rank schedules
+    ss.adapters.step(model, lr=current_lr, optimizer=optimizer)  # proximal updates, rank schedules
     optimizer.zero_grad()
 
 With the Hugging Face Trainer, ``subspaces.integrations.hf_trainer.AdapterSchedule`` does the same from callbacks
@@ -37,12 +37,13 @@ def penalty(model: nn.Module) -> torch.Tensor | float:
     return sum(terms) if terms else 0.0
 
 
-def step(model: nn.Module, *, lr: float | None = None) -> None:
-    """Call once per optimizer step, right after ``optimizer.step()``; ``lr`` is the current learning rate
-    (needed by lr-scaled proximal steps)."""
+def step(model: nn.Module, *, lr: float | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Call once per optimizer step, right after ``optimizer.step()`` and before ``zero_grad`` (importance
+    scores read the gradients); ``lr`` is the current learning rate (lr-scaled proximal steps), ``optimizer``
+    the one training the adapter (methods that grow new tensors add them to it)."""
     with torch.no_grad():
         for cls, deltas in _by_method(model).items():
-            cls.after_step(deltas, lr=lr)
+            cls.after_step(deltas, lr=lr, optimizer=optimizer)
 
 
 def param_groups(model: nn.Module, *, weight_decay: float) -> list[dict]:

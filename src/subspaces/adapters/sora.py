@@ -74,7 +74,7 @@ class SoRA(AdapterConfig):
         return weight * sum(g.abs().sum() for g in gates) / sum(g.numel() for g in gates)
 
     @classmethod
-    def after_step(cls, deltas: list[Delta], *, lr: float | None) -> None:
+    def after_step(cls, deltas: list[Delta], *, lr: float | None, optimizer=None) -> None:
         for d in deltas:
             xi = d.config.xi
             if d.config.threshold == "lr_scaled":

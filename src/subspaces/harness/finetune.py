@@ -53,6 +53,14 @@ def configure(clf: torch.nn.Module, method: str, hyperparameters: dict[str, Any]
         ss.adapt_(clf, method, targets=targets, modules_to_save=["classifier"], **hp)
 
 
+def _has_field(method: str, name: str) -> bool:
+    import dataclasses
+
+    from .._registry import ADAPTERS
+
+    return method in ADAPTERS and name in {f.name for f in dataclasses.fields(ADAPTERS.get(method).obj)}
+
+
 def data_init(clf: torch.nn.Module, method: str, batches: list, n: int, *, lr: float, total_steps: float) -> None:
     """Run the method's data-driven initialization on the first ``n`` training batches, with the harness's
     warmup (``WARMUP`` of the steps), as the official LoRA-SB code uses it."""
@@ -96,18 +104,22 @@ def finetune(
     hyperparameters = dict(hyperparameters or {})
     hp = dict(hyperparameters)
     init_batches = hp.pop("init_batches", 0)  # for a data-driven init (AdapterConfig.data_init)
+    lr = hp.pop("lr", lr)  # a method's own learning rate ("intrinsic:dim=1000,lr=3e-2")
+    lr = lr if lr is not None else DEFAULT_LR.get(method, DEFAULT_LR["adapter"])
     data = load_task(task, seed=seed)
     encoder, tokenizer = load_encoder(model)
     set_seed(seed)
-    clf = MeanPoolClassifier(encoder, data.num_labels)
-    configure(clf, method, hp, adapter)
     train = encode(tokenizer, data.train_texts[:max_train], data.train_labels[:max_train], max_length)
     test = encode(tokenizer, data.test_texts[:max_test], data.test_labels[:max_test], max_length)
-    lr = lr if lr is not None else DEFAULT_LR.get(method, DEFAULT_LR["adapter"])
+    total_steps = math.ceil(len(train) / batch_size) * epochs
+    if _has_field(method, "total_steps") and "total_steps" not in hp:
+        hp["total_steps"] = math.ceil(total_steps)  # a rank schedule over the whole run (AdaLoRA)
+    clf = MeanPoolClassifier(encoder, data.num_labels)
+    configure(clf, method, hp, adapter)
     collate = Collator(tokenizer.pad_token_id)
     if init_batches:
         data_init(clf, method, [collate(train[i:i + batch_size]) for i in range(0, len(train), batch_size)],
-                  init_batches, lr=lr, total_steps=math.ceil(len(train) / batch_size) * epochs)
+                  init_batches, lr=lr, total_steps=total_steps)
     cuda = torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     with tempfile.TemporaryDirectory(prefix="subspaces-trainer-") as scratch:

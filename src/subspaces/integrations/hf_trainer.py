@@ -52,4 +52,4 @@ class AdapterSchedule(TrainerCallback):
     def on_optimizer_step(self, args, state, control, model=None, optimizer=None, **kw):
         from ..adapters._schedule import step
 
-        step(model, lr=optimizer.param_groups[0]["lr"] if optimizer is not None else None)
+        step(model, lr=optimizer.param_groups[0]["lr"] if optimizer is not None else None, optimizer=optimizer)
