@@ -66,7 +66,8 @@ class AdapterConfig:
     # called once per adapt_ call (and once per saved group at load) after every layer is attached, before the
     # base offsets and before a load. The convention: the first delta owns the shared tensors as its own
     # parameters (so they are saved once and moved with the model); the others reach them through ``owner_of``.
-    def share(self, deltas: list[Delta], *, init: bool) -> None:
+    def share(self, deltas: list[tuple[str, Delta]], *, init: bool) -> None:
+        """``deltas``: (layer name, delta) in model order."""
         return None
 
     def num_trainable_total(self, layers: list[nn.Module]) -> int:
@@ -271,7 +272,7 @@ def adapt_(
     try:
         deltas = []
         for name, layer in chosen:
-            deltas.append(_attach(layer, name, config, init=True, group=group))
+            deltas.append((name, _attach(layer, name, config, init=True, group=group)))
             done.append(layer)
         config.share(deltas, init=True)
         for layer in done:
@@ -413,7 +414,7 @@ def attach_state(model: nn.Module, modules: dict[str, dict], saved: list[str],
     state = _freeze(model)
     attached = []
     try:
-        groups: dict[tuple, list[Delta]] = {}  # a saved group with one method and config shares tensors
+        groups: dict[tuple, list[tuple[str, Delta]]] = {}  # a saved group with one method and config shares tensors
         for name, spec in modules.items():
             if not (isinstance(spec, dict) and isinstance(spec.get("config"), dict) and "method" in spec):
                 raise SubspacesError(f"{source}: the entry for {name!r} lacks its method or config")
@@ -421,10 +422,10 @@ def attach_state(model: nn.Module, modules: dict[str, dict], saved: list[str],
             config = cls.from_dict(spec["config"])
             key = (spec.get("group", 0), spec["method"], repr(config))
             group = state["groups"] + list(groups).index(key) if key in groups else state["groups"] + len(groups)
-            groups.setdefault(key, []).append(_attach(named[name], name, config, init=False, group=group))
+            groups.setdefault(key, []).append((name, _attach(named[name], name, config, init=False, group=group)))
             attached.append(named[name])
         for deltas in groups.values():
-            deltas[0].config.share(deltas, init=False)
+            deltas[0][1].config.share(deltas, init=False)
         state["groups"] += len(groups)
         prefix = f".{DELTA}."
         for name, layer in zip(modules, attached):
