@@ -404,3 +404,48 @@ def test_unregistered_config_subclass_unknown_hyperparameter():
 
     with pytest.raises(SubspacesError, match="unknown hyperparameter.*rank"):
         ss.adapt_(bert_seqcls(), MyLoRA(rank=2), ranks=3, targets=QV)
+
+
+# -- groups, shared tensors, truncation ----------------------------------------------------------------------
+
+def test_each_adapt_call_is_a_group_saved_and_restored(tmp_path):
+    base = llama_causal()
+    m = copy.deepcopy(base)
+    ss.adapt_(m, "lora", rank=4, targets=["q_proj"])
+    ss.adapt_(m, "lora", rank=4, targets=["v_proj"])  # same config, separate call: a separate group
+    groups = {n.rsplit(".", 1)[-1]: layer.delta.group for n, layer in adapted_layers(m)}
+    assert groups == {"q_proj": 0, "v_proj": 1}
+    ss.save_adapter(m, tmp_path / "a")
+    saved = json.loads((tmp_path / "a" / "subspaces_adapter.json").read_text())
+    assert {spec["group"] for spec in saved["modules"].values()} == {0, 1}
+    loaded = ss.load_adapter(copy.deepcopy(base), tmp_path / "a")
+    assert {n.rsplit(".", 1)[-1]: layer.delta.group for n, layer in adapted_layers(loaded)} == groups
+
+
+def test_share_sees_the_whole_group_before_offsets():
+    import dataclasses
+
+    calls = []
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Recording(LoRA):
+        def share(self, deltas, *, init):
+            calls.append(([n for n, _ in deltas], init, [d.A.shape for _, d in deltas]))
+
+    m = llama_causal()
+    ss.adapt_(m, Recording(rank=2), targets=["q_proj", "v_proj"])
+    names = [n for n, _ in adapted_layers(m)]
+    assert calls == [(names, True, [torch.Size([2, 32])] * len(names))]
+
+
+def test_truncate_needs_an_ordered_method_and_valid_ranks():
+    with pytest.raises(SubspacesError, match="no adapter"):
+        ss.truncate_(llama_causal(), rank=2)
+    _, m = trained_bert()
+    with pytest.raises(SubspacesError, match="no ordered rank"):
+        ss.truncate_(m, rank=2)
+    with pytest.raises(SubspacesError, match="not an adapted layer"):
+        ss.truncate_(m, rank={"nope": 2})
+    name = adapted_layers(m)[0][0]
+    with pytest.raises(SubspacesError, match="positive integer"):
+        ss.truncate_(m, rank={name: 0})
