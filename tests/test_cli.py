@@ -124,6 +124,8 @@ def test_compare_writes_leaderboard_with_baselines(tiny_model, tmp_path):
     assert counts["probe"] < counts["lora"] < counts["full"]
     assert (out / "leaderboard.png").read_bytes()[:4] == b"\x89PNG"
     assert "test acc" in r.stdout
+    r = cli("compare", "--model", tiny_model, "--seed", "1", "--seed", "1", "--out", tmp_path / "dup")
+    assert r.returncode == 2 and "repeats" in r.stderr and not (tmp_path / "dup").exists()
 
 
 def test_torchrun_two_processes_match_one(tiny_model, tmp_path):

@@ -6,7 +6,7 @@ import torch
 from conftest import llama_causal
 
 from subspaces import SubspacesError
-from subspaces.harness.compare import leaderboard, parse_method
+from subspaces.harness.compare import leaderboard, parse_method, summarize
 from subspaces.harness.finetune import default_targets
 
 
@@ -41,6 +41,39 @@ def test_leaderboard_order():
     rows = [{"test_accuracy": 0.8, "trainable_params": 10}, {"test_accuracy": 0.9, "trainable_params": 99},
             {"test_accuracy": 0.8, "trainable_params": 5}]
     assert [r["trainable_params"] for r in leaderboard(rows)] == [99, 5, 10]
+
+
+def test_summarize_averages_each_method_over_its_seeds():
+    def run(label, seed, acc):
+        return {"label": label, "method": label, "seed": seed, "test_accuracy": acc, "trainable_params": 1,
+                "wall_time_s": 2.0 * (seed + 1), "peak_memory_mb": 10.0}
+
+    rows = summarize([run("a", 0, 0.8), run("b", 0, 0.9), run("a", 1, 0.9), run("b", 1, 0.9)])
+    assert [r["label"] for r in rows] == ["b", "a"]
+    a = rows[1]
+    assert a["seeds"] == [0, 1] and a["test_accuracies"] == [0.8, 0.9]
+    assert abs(a["test_accuracy"] - 0.85) < 1e-12 and abs(a["test_accuracy_std"] - 0.0707107) < 1e-6
+    assert a["wall_time_s"] == 3.0 and rows[0]["test_accuracy_std"] == 0.0
+    assert summarize([run("a", 0, 0.5)])[0]["test_accuracy_std"] == 0.0
+
+
+def test_compare_runs_every_method_for_every_seed(tmp_path, monkeypatch):
+    import json
+
+    import subspaces.harness.compare as cmp
+
+    def fake(kw):
+        acc = 0.5 + 0.1 * kw["seed"] + (0.2 if kw["method"] == "full" else 0.0)
+        return {"method": kw["method"], "seed": kw["seed"], "test_accuracy": acc, "trainable_params": 1,
+                "wall_time_s": 1.0, "peak_memory_mb": 1.0, "loss_history": []}
+
+    monkeypatch.setattr(cmp, "_run_in_fresh_process", fake)
+    board = cmp.compare(["lora"], out=tmp_path, seeds=[0, 1])
+    assert [r["label"] for r in board] == ["full", "probe", "lora"]  # ties keep the run order
+    assert all(r["seeds"] == [0, 1] and abs(r["test_accuracy_std"] - 0.0707107) < 1e-6 for r in board)
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == 6 and saved["seeds"] == [0, 1]
+    assert (tmp_path / "leaderboard.png").exists()
 
 
 def test_classifier_features_path_equals_token_path():

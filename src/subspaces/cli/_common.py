@@ -29,6 +29,9 @@ def results_table(rows: list[dict], title: str):
     for col in ("method", "test acc", "trainable params", "wall time (s)", "peak mem (MB)"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r in rows:
-        table.add_row(r.get("label", r["method"]), f"{r['test_accuracy']:.4f}", f"{r['trainable_params']:,}",
+        acc = f"{r['test_accuracy']:.4f}"
+        if len(r.get("seeds", ())) > 1:
+            acc += f" ± {r['test_accuracy_std']:.4f}"
+        table.add_row(r.get("label", r["method"]), acc, f"{r['trainable_params']:,}",
                       f"{r['wall_time_s']:.1f}", f"{r['peak_memory_mb']:.0f}")
     return table

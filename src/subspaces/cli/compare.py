@@ -6,6 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._errors import SubspacesError
 from . import app
 from ._common import is_main_process, output_dir, results_table
 
@@ -25,7 +26,8 @@ def compare(
     max_length: Annotated[int, Opt(help="max tokens per text")] = 64,
     max_train: Annotated[Optional[int], Opt(help="use only the first N training examples")] = None,
     max_test: Annotated[Optional[int], Opt(help="use only the first N test examples")] = None,
-    seed: Annotated[int, Opt(help="seed of the split, the initialization and the data order")] = 0,
+    seed: Annotated[list[int], Opt(help="seed of the split, the initialization and the data order; repeat it "
+                                        "(--seed 0 --seed 1 --seed 2) for the mean and spread over seeds")] = [0],
     bf16: Annotated[bool, Opt(help="bf16 autocast")] = False,
     out: Annotated[Optional[Path], Opt(help="output folder (new or empty); default runs/compare-<time>")] = None,
 ) -> None:
@@ -37,17 +39,20 @@ def compare(
 
     for spec in method:
         parse_method(spec)  # fail on a bad spec before loading anything
+    if len(set(seed)) != len(seed):
+        raise SubspacesError(f"--seed repeats a value: {seed}")
     out = output_dir(out, "compare")
     console = Console()
     main = is_main_process()
 
     def report(row: dict) -> None:
         if main:
-            console.print(f"[bold]{row['label']}[/]: test accuracy {row['test_accuracy']:.4f}")
+            console.print(f"[bold]{row['label']}[/] (seed {row['seed']}): test accuracy {row['test_accuracy']:.4f}")
 
-    board = run(method, out=out, model=model, task=task, epochs=epochs, seed=seed, batch_size=batch_size,
+    board = run(method, out=out, model=model, task=task, epochs=epochs, seeds=seed, batch_size=batch_size,
                 max_length=max_length, max_train=max_train, max_test=max_test, bf16=bf16, progress=main,
                 on_result=report)
     if main:
-        console.print(results_table(board, f"{task} on {model}, {epochs:g} epochs, seed {seed}"))
+        which = f"seed {seed[0]}" if len(seed) == 1 else f"mean ± std over seeds {', '.join(map(str, seed))}"
+        console.print(results_table(board, f"{task} on {model}, {epochs:g} epochs, {which}"))
         console.print(f"results.json and leaderboard.png in {out}/")

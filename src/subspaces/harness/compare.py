@@ -57,6 +57,26 @@ def leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(rows, key=lambda r: (-r["test_accuracy"], r["trainable_params"]))
 
 
+def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per label over its seeds: mean test accuracy with its sample standard deviation, mean wall time
+    and peak memory; sorted as a leaderboard."""
+    import statistics
+
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        by_label.setdefault(r["label"], []).append(r)
+    rows = []
+    for label, rs in by_label.items():
+        acc = [r["test_accuracy"] for r in rs]
+        rows.append({**rs[0], "seed": None, "seeds": [r["seed"] for r in rs],
+                     "test_accuracy": statistics.fmean(acc),
+                     "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                     "test_accuracies": acc,
+                     "wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
+                     "peak_memory_mb": statistics.fmean(r["peak_memory_mb"] for r in rs)})
+    return leaderboard(rows)
+
+
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -126,12 +146,13 @@ def compare(
     model: str = "minilm",
     task: str = "docstring",
     epochs: float = 3,
-    seed: int = 0,
+    seeds: list[int] = (0,),
     on_result=None,
     **run_kw: Any,
 ) -> list[dict[str, Any]]:
-    """Run each method spec (plus the probe and full fine-tuning baselines), writing ``results.json`` after every
-    run (nothing is lost if a later run fails) and ``leaderboard.png`` at the end. Returns the leaderboard."""
+    """Run each method spec (plus the probe and full fine-tuning baselines) once per seed, writing
+    ``results.json`` after every run (nothing is lost if a later run fails) and ``leaderboard.png`` at the end.
+    Returns the leaderboard: one row per method, accuracy averaged over the seeds (``summarize``)."""
     parsed = [(s, *parse_method(s)) for s in methods]  # validate every spec before any work
     names = {name for _, name, _ in parsed}
     if "probe" not in names:
@@ -142,18 +163,21 @@ def compare(
     rows: list[dict[str, Any]] = []
     started = time.time()
     isolate = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    for label, name, hp in parsed:
-        kw = dict(model=model, task=task, method=name, hyperparameters=hp, epochs=epochs, seed=seed, **run_kw)
-        metrics = _run_in_fresh_process(kw) if isolate else finetune(**kw)[0]
-        metrics.pop("loss_history")
-        rows.append({"label": label, **metrics})
-        if main:
-            write_json(out / "results.json", {"model": model, "task": task, "epochs": epochs, "seed": seed,
-                                              "leaderboard": leaderboard(rows)})
-        if on_result is not None:
-            on_result(rows[-1])
-    board = leaderboard(rows)
+    seeds = list(seeds)
+    for seed in seeds:
+        for label, name, hp in parsed:
+            kw = dict(model=model, task=task, method=name, hyperparameters=hp, epochs=epochs, seed=seed, **run_kw)
+            metrics = _run_in_fresh_process(kw) if isolate else finetune(**kw)[0]
+            metrics.pop("loss_history")
+            rows.append({"label": label, **metrics})
+            if main:
+                write_json(out / "results.json", {"model": model, "task": task, "epochs": epochs, "seeds": seeds,
+                                                  "leaderboard": summarize(rows), "runs": rows})
+            if on_result is not None:
+                on_result(rows[-1])
+    board = summarize(rows)
     if main:
         minutes = (time.time() - started) / 60
-        plot(board, out / "leaderboard.png", f"{task} on {model}: {epochs:g} epochs, seed {seed} ({minutes:.1f} min)")
+        which = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of {len(seeds)} seeds"
+        plot(board, out / "leaderboard.png", f"{task} on {model}: {epochs:g} epochs, {which} ({minutes:.1f} min)")
     return board
