@@ -19,10 +19,14 @@ from subspaces._registry import ADAPTERS
 from subspaces.adapters._core import DELTA, AdapterConfig, adapted_layers
 
 OVERRIDES: dict[str, dict] = {
+    "adalora": {"init_r": 4, "target_r": 2, "alpha": 256.0},  # ΔW ∝ E·A·B from E = 0, A, B ~ N(0, .02²): moves slowly
+    "increlora": {"rank": 2, "target_rank": 4, "alpha": 256.0},
     "sora": {"rank": 2},
+    "maestro": {"init": "svd", "rank": None},  # full-rank SVD factors: output equals the base at init
     "nola": {"rank": 2, "k_a": 8, "k_b": 8},
     "randlora": {"rank": 4, "alpha": 8.0},
     "lora_xs": {"rank": 2},
+    "mos": {"rank": 3, "equivalent_rank": 2, "private_rank": 1, "shards_per_vector": 2},  # L = 2 layers/type
     "lora_sb": {"rank": 2, "alpha": 16.0},
     "svfit": {"energy": 1.0},  # r = k: tiny-init BERT logits move little under singular-value-only tuning
     "salt": {"ratio": 0.25, "lora_rank": 2},

@@ -1,9 +1,13 @@
 """Adapters: fine-tune a few parameters in a subspace, fold them back. One file per method."""
 from ._core import AdapterConfig, Delta
+from .adalora import AdaLoRA
+from .increlora import IncreLoRA
 from .flora import FLoRA
 from .lora import LoRA
 from .lora_sb import LoRASB
 from .lora_xs import LoRAXS
+from .maestro import Maestro
+from .mos import MoS
 from .nola import NOLA
 from .randlora import RandLoRA
 from .salt import SALT
@@ -11,4 +15,4 @@ from .sora import SoRA
 from .svfit import SVFit
 from ._schedule import param_groups, penalty, step
 
-__all__ = ["AdapterConfig", "Delta", "FLoRA", "LoRA", "LoRASB", "LoRAXS", "NOLA", "RandLoRA", "SALT", "SVFit", "SoRA", "param_groups", "penalty", "step"]
+__all__ = ["AdaLoRA", "AdapterConfig", "Delta", "IncreLoRA", "FLoRA", "LoRA", "LoRASB", "LoRAXS", "Maestro", "MoS", "NOLA", "RandLoRA", "SALT", "SVFit", "SoRA", "param_groups", "penalty", "step"]
