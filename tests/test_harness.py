@@ -74,6 +74,8 @@ def test_compare_runs_every_method_for_every_seed(tmp_path, monkeypatch):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["runs"]) == 6 and saved["seeds"] == [0, 1]
     assert (tmp_path / "leaderboard.png").exists()
+    board = cmp.compare(["lora"], out=tmp_path / "alone", seeds=[2], baselines=False)
+    assert [(r["label"], r["seeds"]) for r in board] == [("lora", [2])]
 
 
 def test_classifier_features_path_equals_token_path():

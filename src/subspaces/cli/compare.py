@@ -17,7 +17,7 @@ Opt = typer.Option
 def compare(
     method: Annotated[list[str], Opt("--method", "-m", help="a method, optionally with hyperparameters: "
                                      "'lora' or 'lora:rank=16,alpha=32' (repeatable); the baselines 'probe' and "
-                                     "'full' are always included")] = ["lora"],
+                                     "'full' are included unless --no-baselines")] = ["lora"],
     model: Annotated[str, Opt(help="'minilm' (embedded default) or a Hugging Face model folder")] = "minilm",
     task: Annotated[str, Opt(help="docstring, concurrency, net, formats, devtools, chatterbot-topics, "
                                   "chatterbot-languages")] = "docstring",
@@ -29,6 +29,7 @@ def compare(
     seed: Annotated[list[int], Opt(help="seed of the split, the initialization and the data order; repeat it "
                                         "(--seed 0 --seed 1 --seed 2) for the mean and spread over seeds")] = [0],
     bf16: Annotated[bool, Opt(help="bf16 autocast")] = False,
+    baselines: Annotated[bool, Opt(help="also run the linear probe and full fine-tuning")] = True,
     out: Annotated[Optional[Path], Opt(help="output folder (new or empty); default runs/compare-<time>")] = None,
 ) -> None:
     """Fine-tune several methods on the same model and task with the same budget and print a leaderboard of
@@ -49,7 +50,8 @@ def compare(
         if main:
             console.print(f"[bold]{row['label']}[/] (seed {row['seed']}): test accuracy {row['test_accuracy']:.4f}")
 
-    board = run(method, out=out, model=model, task=task, epochs=epochs, seeds=seed, batch_size=batch_size,
+    board = run(method, out=out, model=model, task=task, epochs=epochs, seeds=seed, baselines=baselines,
+                batch_size=batch_size,
                 max_length=max_length, max_train=max_train, max_test=max_test, bf16=bf16, progress=main,
                 on_result=report)
     if main:

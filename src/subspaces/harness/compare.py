@@ -147,17 +147,18 @@ def compare(
     task: str = "docstring",
     epochs: float = 3,
     seeds: list[int] = (0,),
+    baselines: bool = True,
     on_result=None,
     **run_kw: Any,
 ) -> list[dict[str, Any]]:
-    """Run each method spec (plus the probe and full fine-tuning baselines) once per seed, writing
+    """Run each method spec (plus, with ``baselines``, the probe and full fine-tuning) once per seed, writing
     ``results.json`` after every run (nothing is lost if a later run fails) and ``leaderboard.png`` at the end.
     Returns the leaderboard: one row per method, accuracy averaged over the seeds (``summarize``)."""
     parsed = [(s, *parse_method(s)) for s in methods]  # validate every spec before any work
     names = {name for _, name, _ in parsed}
-    if "probe" not in names:
+    if baselines and "probe" not in names:
         parsed.insert(0, ("probe", "probe", {}))
-    if "full" not in names:
+    if baselines and "full" not in names:
         parsed.append(("full", "full", {}))
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only the first process writes
     rows: list[dict[str, Any]] = []
