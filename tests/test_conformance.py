@@ -22,6 +22,8 @@ OVERRIDES: dict[str, dict] = {
     "adalora": {"init_r": 4, "target_r": 2, "alpha": 256.0},  # ΔW ∝ E·A·B from E = 0, A, B ~ N(0, .02²): moves slowly
     "increlora": {"rank": 2, "target_rank": 4, "alpha": 256.0},
     "sora": {"rank": 2},
+    "intrinsic": {"dim": 64},
+    "said": {"dim": 64},
     "maestro": {"init": "svd", "rank": None},  # full-rank SVD factors: output equals the base at init
     "nola": {"rank": 2, "k_a": 8, "k_b": 8},
     "randlora": {"rank": 4, "alpha": 8.0},

@@ -222,3 +222,144 @@ def tucker_product(core: Tensor, factors: Sequence[Tensor | None]) -> Tensor:
                              f"expected (d, {core.shape[n]}) to match the core's mode {n}")
         out = torch.movedim(torch.tensordot(out, U, dims=([n], [1])), -1, n)
     return out
+
+
+# --- Walsh–Hadamard transform and the Fastfood projection (intrinsic-dimension adapters) --------------------------
+
+_HADAMARDS: dict[tuple, Tensor] = {}  # (k, dtype, device) -> H_k, read only
+
+_FWHT_BLOCK = 5  # Kronecker factors of size 2^5: 32x32 matmuls beat log2(L) butterfly passes in pure torch on CPU
+
+
+def _hadamard(k: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """The k×k Sylvester Hadamard matrix (k a power of two), the order of ``scipy.linalg.hadamard``."""
+    key = (k, dtype, device)
+    H = _HADAMARDS.get(key)
+    if H is None:
+        H = torch.ones(1, 1, dtype=dtype, device=device)
+        while H.shape[0] < k:
+            H = torch.cat((torch.cat((H, H), 1), torch.cat((H, -H), 1)), 0)
+        _HADAMARDS[key] = H
+    return H
+
+
+def fwht(x: Tensor) -> Tensor:
+    """Unnormalized fast Walsh–Hadamard transform over the last dimension: ``x @ H_L`` with ``H_L`` the Sylvester
+    Hadamard matrix (entries ±1, ``H_L @ H_L = L·I``), for any power-of-two length L (leading dims are a batch).
+
+    ``H_L = H_{k1} ⊗ H_{k2} ⊗ …``, so the transform applies small Hadamard matrices (k ≤ 32) along the axes of
+    ``x`` viewed as (k1, k2, …): O(L·log L) work done as a few matmuls, pure torch, differentiable, any device.
+    Returns ``x``'s dtype and shape.
+    """
+    L = x.shape[-1]
+    if L < 1 or L & (L - 1):
+        raise ValueError(f"fwht: the last dimension must be a power of two, got {L}")
+    lead = x.shape[:-1]
+    y = x.reshape(-1, L)
+    n, pre, post = y.shape[0], 1, L
+    bits = L.bit_length() - 1
+    while post > 1:
+        k = 1 << min(_FWHT_BLOCK, bits)
+        bits -= k.bit_length() - 1
+        post //= k
+        H = _hadamard(k, y.dtype, y.device)
+        # H is symmetric: the last axis takes y @ H (one large matmul), inner axes a batched H @ y
+        y = y.reshape(-1, k) @ H if post == 1 else torch.matmul(H, y.reshape(n * pre, k, post))
+        pre *= k
+    return y.reshape(*lead, L)
+
+
+def _fwht_padded(v: Tensor, L: int) -> Tensor:
+    """``fwht(pad(v, L))`` for v (..., n), n ≤ L, without transforming the zeros: with H_L = H_k ⊗ H_{L/k}, only
+    the r = ⌈n·k/L⌉ non-zero rows of the (k, L/k) view need the inner transform."""
+    n, k = v.shape[-1], min(L, 1 << _FWHT_BLOCK)
+    M = L // k
+    r = -(-n // M)
+    y = fwht(torch.nn.functional.pad(v, (0, r * M - n)).reshape(*v.shape[:-1], r, M))
+    return (_hadamard(k, v.dtype, v.device)[:, :r] @ y).reshape(*v.shape[:-1], L)
+
+
+def _fwht_head(x: Tensor, n: int) -> Tensor:
+    """``fwht(x)[..., :n]``: the outer factor first, restricted to the ⌈n·k/L⌉ rows kept, then the inner one."""
+    L = x.shape[-1]
+    k = min(L, 1 << _FWHT_BLOCK)
+    M = L // k
+    r = -(-n // M)
+    y = _hadamard(k, x.dtype, x.device)[:r] @ x.reshape(*x.shape[:-1], k, M)
+    return fwht(y).reshape(*x.shape[:-1], r * M)[..., :n]
+
+
+class _FastfoodFn(torch.autograd.Function):
+    """P θ and its adjoint Pᵀ g, both implicit, so backward keeps nothing but the operator's seeded vectors."""
+
+    @staticmethod
+    def forward(ctx, theta: Tensor, op: Fastfood) -> Tensor:
+        ctx.op, ctx.d = op, theta.shape[-1]
+        return op._project(theta)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):
+        return ctx.op._adjoint(grad, ctx.d), None
+
+
+class Fastfood(torch.nn.Module):
+    """Seeded implicit random projection ``P: R^d → R^D`` (Fastfood, Le, Sarlós & Smola, ICML 2013,
+    https://proceedings.mlr.press/v28/le13.html), normalized as in Li et al. 2018 (https://arxiv.org/abs/1804.08838)::
+
+        P θ = (H G Π H B pad_L(θ))[:D] / (√(L·ΣG²) · √(D/L)),   L = 2^⌈log2 D⌉
+
+    with B = diag(±1), Π a permutation ((Π v)_i = v[perm_i]), G = diag(N(0, 1)) and H the unnormalized
+    Walsh–Hadamard matrix (:func:`fwht`); each column of P has norm ≈ 1. O(L log L) per product, nothing of size
+    D×d is stored. B, Π, G are drawn from ``seed`` on a CPU generator (identical on every device) and kept as
+    non-persistent buffers (regenerated, never saved). Gradients use the exact adjoint (``adjoint``).
+
+    ``pad_L`` zero-pads θ to L; for d > L it keeps only θ[:L] (the columns beyond L are zero), reproducing the
+    reference code's ``F.pad`` with a negative width (Aghajanyan et al.'s per-tensor projection of small tensors).
+    """
+
+    def __init__(self, D: int, *, seed: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if isinstance(D, bool) or not isinstance(D, int) or D < 1:
+            raise ValueError(f"Fastfood: D={D!r} must be a positive integer")
+        self.D, self.L = D, 1 << (D - 1).bit_length()
+        g = torch.Generator().manual_seed(seed)
+        B = torch.randint(0, 2, (self.L,), generator=g, dtype=torch.int8) * 2 - 1
+        perm = torch.randperm(self.L, generator=g)
+        G = torch.randn(self.L, generator=g, dtype=torch.float64)
+        self.divisor = (D * float(G.square().sum())) ** 0.5  # √(L·ΣG²)·√(D/L)
+        self.register_buffer("B", B.to(device), persistent=False)
+        self.register_buffer("perm", perm.to(device), persistent=False)
+        self.register_buffer("G", G.to(device=device, dtype=dtype), persistent=False)
+
+    # Only the first min(d, L) inputs and the first D outputs are non-zero / needed: both Hadamard transforms
+    # skip the rest (_fwht_padded, _fwht_head), which matters when d ≪ L.
+    def _project(self, theta: Tensor) -> Tensor:
+        n = min(theta.shape[-1], self.L)
+        v = _fwht_padded(theta[..., :n] * self.B[:n].to(theta.dtype), self.L)
+        v = v.index_select(-1, self.perm) * self.G.to(theta.dtype)  # Π (index_select: ~8x advanced indexing)
+        return _fwht_head(v, self.D) / self.divisor
+
+    def _adjoint(self, grad: Tensor, d: int) -> Tensor:
+        v = _fwht_padded(grad / self.divisor, self.L) * self.G.to(grad.dtype)
+        u = torch.empty_like(v).index_copy_(-1, self.perm, v)  # Πᵀ
+        n = min(d, self.L)
+        u = _fwht_head(u, n) * self.B[:n].to(grad.dtype)
+        return torch.nn.functional.pad(u, (0, d - n))
+
+    def forward(self, theta: Tensor) -> Tensor:
+        """``P θ`` for θ of shape (..., d): shape (..., D), differentiable in θ."""
+        return _FastfoodFn.apply(theta, self)
+
+    def adjoint(self, grad: Tensor, d: int) -> Tensor:
+        """``Pᵀ g`` for g of shape (..., D): shape (..., d)."""
+        return self._adjoint(grad, d)
+
+    def matrix(self, d: int, *, dtype: torch.dtype | None = None) -> Tensor:
+        """P materialized, shape (D, d) (for tests and small D only)."""
+        eye = torch.eye(d, dtype=dtype or self.G.dtype, device=self.G.device)
+        return self._project(eye).T
+
+
+__all__ += ["fwht", "Fastfood"]
