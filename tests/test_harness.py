@@ -123,3 +123,20 @@ def test_data_init_runs_lora_sb_gradient_init_and_refuses_other_methods():
     with pytest.raises(SubspacesError, match="init_batches"):
         data_init(clf, "lora_sb", batches, "x", lr=1e-3, total_steps=10)
     assert ss.adapter_parameters(clf)
+
+
+def test_train_head_false_puts_the_head_in_the_subspace_only():
+    from transformers import BertConfig, BertModel
+
+    from subspaces.adapters._core import adapted_layers
+    from subspaces.harness._classifier import MeanPoolClassifier
+    from subspaces.harness.finetune import configure
+
+    torch.manual_seed(0)
+    enc = BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+                               vocab_size=50))
+    clf = MeanPoolClassifier(enc, 3)
+    configure(clf, "said", {"dim": 40, "train_head": False, "targets": ["query", "value"]})
+    assert [n for n, _ in adapted_layers(clf)][-1] == "classifier"
+    assert sum(p.numel() for p in clf.parameters() if p.requires_grad) == 40  # θ_d and λ, nothing else
+    assert not any(p.requires_grad for n, p in clf.classifier.named_parameters() if not n.startswith("delta."))

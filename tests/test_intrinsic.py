@@ -302,7 +302,7 @@ def test_intrinsic_dimension_search_json_and_plot(tmp_path):
     first = calls[1]
     assert first["method"] == "said" and first["max_train"] == 10 and first["epochs"] == 2
     assert first["hyperparameters"] == {"dim": 10, "lr": 3e-2, "targets": "all-linear", "projection": "fastfood",
-                                        "seed": 0}
+                                        "seed": 0, "train_head": False}
     # grid up to the first pass (1000), then bisection of (500, 1000): 707 passes, 595 and 649 fail
     assert [c["hyperparameters"]["dim"] for c in calls[1:]] == [10, 20, 50, 100, 200, 500, 1000, 707, 595, 649]
     assert res["dims"] == sorted(res["dims"]) and res["d_int"] == 707

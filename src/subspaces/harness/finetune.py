@@ -50,7 +50,15 @@ def configure(clf: torch.nn.Module, method: str, hyperparameters: dict[str, Any]
     else:
         hp = dict(hyperparameters)
         targets = hp.pop("targets", None) or default_targets(clf.encoder)
-        ss.adapt_(clf, method, targets=targets, modules_to_save=["classifier"], **hp)
+        # train_head=false: the fresh head is adapted with the targets instead of trained on its own, as the
+        # intrinsic-dimension papers put every parameter, the head's included, in the subspace.
+        train_head = hp.pop("train_head", True)
+        if not train_head:
+            from .._targets import select
+
+            targets = [n for n, _ in select(clf, targets)]
+            targets += [] if "classifier" in targets else ["classifier"]
+        ss.adapt_(clf, method, targets=targets, modules_to_save=["classifier"] if train_head else None, **hp)
 
 
 def _has_field(method: str, name: str) -> bool:
@@ -133,9 +141,9 @@ def finetune(
             train_sampling_strategy="random" if method == "probe" else "group_by_length",  # less padding
         )
         device = args.device
-        head = list(clf.classifier.parameters())
-        body = [p for n, p in clf.named_parameters() if p.requires_grad and not n.startswith("classifier.")]
-        groups = [{"params": head, "lr": max(lr, HEAD_LR)}] + ([{"params": body, "lr": lr}] if body else [])
+        head = [p for n, p in clf.classifier.named_parameters() if p.requires_grad and not n.startswith("delta.")]
+        body = [p for p in clf.parameters() if p.requires_grad and all(p is not h for h in head)]
+        groups = [g for g in ({"params": head, "lr": max(lr, HEAD_LR)}, {"params": body, "lr": lr}) if g["params"]]
         start = time.perf_counter()
         with PeakMemory(device) as mem:
             if method == "probe":  # the encoder is frozen: encode once, then train the head on the features

@@ -42,6 +42,7 @@ def intrinsic_dimension(
     seed: int = 0,
     targets: str | list[str] = "all-linear",
     projection: str = "fastfood",
+    train_head: bool = False,
     refine: int = 0,
     stop_early: bool = True,
     metric: str = "test_accuracy",
@@ -54,8 +55,10 @@ def intrinsic_dimension(
     ``metric`` (d_int90 for the default 0.9).
 
     ``dims`` are tried in increasing order, each one run of ``method`` ("intrinsic" or "said") with
-    ``{"dim": d, "lr": lr, "targets": targets, "projection": projection, "seed": seed}`` (the projection is drawn
-    from the run's seed). The full baseline is one ``method="full"`` run (harness learning rate) unless
+    ``{"dim": d, "lr": lr, "targets": targets, "projection": projection, "seed": seed, "train_head": train_head}``
+    (the projection is drawn from the run's seed). With ``train_head=False`` (the default, as the papers: every
+    parameter inside the subspace) the classification head is adapted with the targets instead of being trained
+    on its own, which alone would reach a linear probe's accuracy whatever d. The full baseline is one ``method="full"`` run (harness learning rate) unless
     ``full_metric`` is given. ``stop_early`` stops at the first d that reaches the target; ``refine`` then runs up
     to that many geometric bisection steps (d = round(√(lo·hi))) between the last failing and the first passing d.
     ``train`` is called with the harness's keywords (default ``subspaces.harness.finetune.finetune``) and returns
@@ -92,7 +95,8 @@ def intrinsic_dimension(
         return float(metrics[metric])
 
     def subspace(d: int) -> bool:
-        hp = {"dim": d, "lr": lr, "targets": targets, "projection": projection, "seed": seed}
+        hp = {"dim": d, "lr": lr, "targets": targets, "projection": projection, "seed": seed,
+              "train_head": train_head}
         value = run(f"d={d}", method=method, hyperparameters=hp)
         pairs = sorted([*zip(result["dims"], result["metrics"]), (d, value)])
         result["dims"], result["metrics"] = [p[0] for p in pairs], [p[1] for p in pairs]
