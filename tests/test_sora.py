@@ -120,3 +120,38 @@ def test_runs_in_an_unmodified_trainer_and_zeroes_gates(tmp_path):
     gates = torch.cat([d.g.detach() for d in deltas(m)])
     assert (gates == 0).sum() >= gates.numel() // 2  # N(0,1) gates under a 0.3 threshold: most switch off
     assert SoRA(rank=4).num_trainable(torch.nn.Linear(32, 32)) == 4 * (32 + 32 + 1)
+
+
+def test_sparsifying_scheduler_raises_xi_and_records_the_trade_off(tmp_path):
+    """Paper Alg. 1: ξ through linspace(ξ_0, ξ_max, n)[1:], training continuing from the current weights; the
+    remaining components shrink as ξ grows, and the final ξ is saved with the adapter."""
+    from subspaces.adapters.sora import set_xi_, sparsify, sparsity, xi_schedule
+
+    assert xi_schedule(0.0, 7e-4, 8) == pytest.approx([i * 1e-4 for i in range(8)])
+    with pytest.raises(ss.SubspacesError):
+        xi_schedule(1e-3, 1e-4, 3)
+    with pytest.raises(ss.SubspacesError, match="no SoRA"):
+        set_xi_(bert_seqcls(), 0.1)
+    _, m = sora_bert(xi=0.0)
+    x = ids(seed=5)
+    opt = torch.optim.AdamW(ss.adapters.param_groups(m, weight_decay=0.0), lr=1e-2)
+
+    def train(model):
+        for _ in range(3):
+            model(input_ids=x).logits.pow(2).mean().backward()
+            opt.step()
+            ss.adapters.step(model, lr=1e-2, optimizer=opt)
+            opt.zero_grad()
+
+    start = sparsity(m)
+    assert start["ranks"] == start["max_ranks"]
+    history = sparsify(m, xi_schedule(0.0, 1.5, 4)[1:], train=train, evaluate=lambda model: 0.5)
+    assert [h["xi"] for h in history] == pytest.approx([0.5, 1.0, 1.5])
+    ranks = [h["ranks"] for h in history]
+    assert ranks == sorted(ranks, reverse=True) and ranks[-1] < start["ranks"]
+    assert all(h["metric"] == 0.5 for h in history)
+    d = deltas(m)[0]
+    assert history[-1]["params"] == sum(int((dd.g != 0).sum()) * (dd.A.shape[1] + dd.B.shape[0]) for dd in deltas(m))
+    assert d.config.xi == 1.5
+    ss.save_adapter(m, tmp_path / "a")
+    assert deltas(ss.load_adapter(bert_seqcls(), tmp_path / "a"))[0].config.xi == 1.5
