@@ -15,6 +15,8 @@ def test_parse_method_specs():
     assert parse_method("lora:rank=16,alpha=32.5,targets=[query, value],rslora=true") == (
         "lora", {"rank": 16, "alpha": 32.5, "targets": ["query", "value"], "rslora": True})
     assert parse_method("full") == ("full", {})
+    assert parse_method("said:dim=1000,lr=3e-2,projection=dense") == (
+        "said", {"dim": 1000, "lr": 0.03, "projection": "dense"})  # YAML 1.1 alone reads 3e-2 as a string
 
 
 @pytest.mark.parametrize("spec, message", [

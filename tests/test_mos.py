@@ -301,3 +301,10 @@ def test_half_precision_base_keeps_fp32_pools():
     ss.adapt_(m, "mos", targets=["q", "v"], **KW)
     assert {p.dtype for p in ss.adapter_parameters(m)} == {torch.float32}
     assert m(torch.randn(2, 12, dtype=torch.bfloat16)).dtype == torch.bfloat16
+
+
+def test_defaults_fit_a_six_layer_encoder():
+    """The embedded default (MiniLM-L6) adapts W_q/W_v of 6 layers: the default ranks must fit L = 6."""
+    blocks = torch.nn.ModuleList(torch.nn.ModuleDict({"query": torch.nn.Linear(8, 8)}) for _ in range(6))
+    ss.adapt_(blocks, "mos", targets=["query"])
+    assert len(adapted_layers(blocks)) == 6

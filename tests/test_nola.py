@@ -24,14 +24,15 @@ def one_layer(layer: nn.Module, **kw) -> nn.Module:
     return m
 
 
-def regenerated(fn):
-    """Run ``fn`` with an empty basis cache, so bases are drawn again rather than shared."""
-    saved = dict(nola_mod._CACHE)
-    nola_mod._CACHE.clear()
-    try:
-        return fn()
-    finally:
-        nola_mod._CACHE.update(saved)
+def stored(model: nn.Module) -> tuple[int, set[int]]:
+    """(buffer registrations, distinct buffer storages) over every adapter of ``model``."""
+    bufs = [b for n, b in model.named_buffers(remove_duplicate=False) if ".delta." in n]
+    return len(bufs), {b.data_ptr() for b in bufs}
+
+
+def resolved(model: nn.Module, names=("A0", "bases_A", "bases_B")) -> list[torch.Tensor]:
+    """The frozen tensors every layer actually computes with."""
+    return [t for _, layer in adapted_layers(model) for n in names if (t := layer.delta.shared(n)) is not None]
 
 
 # 1. trainable count k_a + k_b, independent of r, d_in, d_out ----------------------------------------------------
@@ -55,7 +56,7 @@ def test_identity_at_init_and_live_branch():
     ss.adapt_(m, "nola", rank=2, k_a=8, k_b=8, targets="all-linear")
     assert torch.equal(logits(m, x), logits(base, x))
     d = m.model.layers[0].self_attn.q_proj.delta
-    assert torch.equal(d.nola_alpha, torch.zeros(8)) and d.A0.abs().max() > 0  # A = A0 random, B = 0
+    assert torch.equal(d.nola_alpha, torch.zeros(8)) and d.shared("A0").abs().max() > 0  # A = A0 random, B = 0
     randomize_adapters(m)
     assert not torch.allclose(logits(m, x), logits(base, x))
 
@@ -63,7 +64,7 @@ def test_identity_at_init_and_live_branch():
 def test_uniform_coef_variant_starts_nonzero():
     m = one_layer(nn.Linear(16, 12), rank=2, k_a=8, k_b=8, init="uniform_coef")
     d = m.layer.delta
-    assert torch.allclose(d.nola_alpha, torch.full((8,), 1 / 8)) and d.A0 is None
+    assert torch.allclose(d.nola_alpha, torch.full((8,), 1 / 8)) and d.shared("A0") is None
     assert d.weight().abs().max() > 0
     assert d.bases_A.abs().max() <= 1 / (16 * 2) ** 0.5  # kaiming-uniform(a=√5) of a (k, d_in, r) stack
 
@@ -72,7 +73,7 @@ def test_uniform_coef_variant_starts_nonzero():
 
 def test_bases_regenerate_bit_identically_and_depend_on_seed():
     a = one_layer(nn.Linear(16, 12), rank=2, k_a=8, k_b=8).layer.delta
-    b = regenerated(lambda: one_layer(nn.Linear(16, 12), rank=2, k_a=8, k_b=8).layer.delta)
+    b = one_layer(nn.Linear(16, 12), rank=2, k_a=8, k_b=8).layer.delta
     assert b.bases_A is not a.bases_A
     for name in ("A0", "bases_A", "bases_B"):
         assert torch.equal(getattr(a, name), getattr(b, name))
@@ -92,10 +93,11 @@ def test_saved_file_holds_only_coefficients_and_reload_regenerates(tmp_path):
     saved = load_file(tmp_path / "subspaces_adapter.safetensors")
     assert {k.rsplit(".", 1)[-1] for k in saved} == {"nola_alpha", "nola_beta"}
     assert sum(v.numel() for v in saved.values()) == 16 * len(adapted_layers(m))
-    loaded = regenerated(lambda: ss.load_adapter(copy.deepcopy(base), tmp_path))
+    loaded = ss.load_adapter(copy.deepcopy(base), tmp_path)
     assert torch.equal(logits(loaded, x), ref)
-    for (_, la), (_, lb) in zip(adapted_layers(m), adapted_layers(loaded)):
-        assert torch.equal(la.delta.bases_B, lb.delta.bases_B) and torch.equal(la.delta.A0, lb.delta.A0)
+    assert stored(loaded) == (12, set(map(torch.Tensor.data_ptr, resolved(loaded))))  # shared again after load
+    for a, b in zip(resolved(m), resolved(loaded)):
+        assert a is not b and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("cache", [True, False])
@@ -162,3 +164,67 @@ def test_config_validation():
             NOLA(**kw)
     with pytest.raises(ss.SubspacesError, match="Linear"):
         one_layer(nn.Conv1d(3, 4, 2))
+
+
+# 6. memory: one basis tensor per layer shape, kept through .to() and deepcopy; outputs as before the sharing ------
+
+# logits[0, -1, :6] and the first entries of the 64 -> 32 layer's frozen tensors, recorded from the implementation
+# before NOLA.share (a module-level cache shared one tensor per shape until .to() split it): same seeds, same bases.
+RECORDED = {
+    "lora": ([-0.017988204956054688, -0.027331314980983734, -0.003059535752981901, 0.02519688569009304,
+              0.007387160323560238, -0.03443007916212082],
+             {"A0": [-0.10724405944347382, -0.08063453435897827, 0.05209560692310333],
+              "bases_A": [-0.26279982924461365, 0.25979265570640564, -0.1903459131717682],
+              "bases_B": [0.03242011368274689, -0.30334046483039856, -0.2867187261581421]}),
+    "uniform_coef": ([-0.07100304961204529, -0.049652229994535446, -0.01582740806043148, 0.11025194823741913,
+                      0.05951811745762825, -0.09606614708900452],
+                     {"bases_A": [0.07804205268621445, 0.03423692658543587, 0.07833745330572128],
+                      "bases_B": [0.037713050842285156, 0.0776095986366272, -0.03464120626449585]}),
+}
+
+
+@pytest.mark.parametrize("init,cache", [("lora", True), ("uniform_coef", True), ("lora", False)])
+def test_outputs_and_bases_as_recorded(init, cache):
+    m = llama_causal()
+    ss.adapt_(m, "nola", rank=2, k_a=8, k_b=8, init=init, cache_bases=cache, targets="all-linear")
+    randomize_adapters(m)
+    out, firsts = RECORDED[init]
+    torch.testing.assert_close(logits(m, ids())[0, -1, :6], torch.tensor(out), atol=1e-6, rtol=0)
+    d = m.model.layers[1].mlp.down_proj.delta  # not the owner of its shape: layer 0's down_proj is
+    for name, values in firsts.items():
+        if cache or name == "A0":
+            assert torch.equal(d.shared(name).flatten()[:3], torch.tensor(values))
+
+
+@pytest.mark.parametrize("cache", [True, False])
+def test_bases_stored_once_per_shape_through_to_and_deepcopy(cache):
+    m = llama_causal()
+    ss.adapt_(m, "nola", rank=2, k_a=8, k_b=8, cache_bases=cache, targets="all-linear")
+    randomize_adapters(m)
+    x = ids()
+    ref = logits(m, x)
+    shapes = {(layer.in_features, layer.out_features) for _, layer in adapted_layers(m)}
+    assert len(adapted_layers(m)) == 14 and len(shapes) == 4
+    per_shape = 3 if cache else 1  # A0, bases_A, bases_B; A0 only when bases are regenerated on the fly
+    n = per_shape * len(shapes)
+
+    def check(model, dtype):
+        count, ptrs = stored(model)
+        assert count == len(ptrs) == n  # registered once per shape, not once per layer
+        tensors = resolved(model)
+        assert {t.data_ptr() for t in tensors} == ptrs and all(t.dtype == dtype for t in tensors)
+        return ptrs
+
+    before = check(m, torch.float32)
+    twin = copy.deepcopy(m)
+    assert check(twin, torch.float32).isdisjoint(before)  # the copy shares its own bases
+    assert torch.equal(logits(twin, x), ref)
+    m.to(torch.float64)
+    check(m, torch.float64)
+    torch.testing.assert_close(logits(m, x).float(), ref, atol=1e-6, rtol=0)
+
+
+def test_delta_before_share_raises_clearly():
+    d = NOLA(rank=2, k_a=8, k_b=8).build(nn.Linear(16, 12))
+    with pytest.raises(ss.SubspacesError, match="NOLA.share"):
+        d(torch.ones(2, 16))

@@ -25,9 +25,20 @@ def one_layer(layer: nn.Module, **kw) -> nn.Module:
     return m
 
 
+def stored(model: nn.Module) -> tuple[int, set[int]]:
+    """(buffer registrations, distinct buffer storages) over every adapter of ``model``."""
+    bufs = [b for n, b in model.named_buffers(remove_duplicate=False) if ".delta." in n]
+    return len(bufs), {b.data_ptr() for b in bufs}
+
+
+def resolved(model: nn.Module) -> list[torch.Tensor]:
+    """The frozen bases every layer actually computes with."""
+    return [t for _, layer in adapted_layers(model) for t in layer.delta.bases()]
+
+
 def explicit_dw(d) -> torch.Tensor:
     """s · Σ_i B_i Λ_i A Γ_i (paper form), transposed when d_out < d_in."""
-    lam, gam, A, B = d.randlora_lambda, d.randlora_gamma, d.randlora_A, d.randlora_B
+    lam, gam, (A, B) = d.randlora_lambda, d.randlora_gamma, d.bases()
     dw = sum(B[:, i, :] @ torch.diag(lam[:, i]) @ A @ torch.diag(gam[i]) for i in range(lam.shape[1]))
     dw = dw * d.scaling
     return dw if d.small_in else dw.T
@@ -73,6 +84,7 @@ def test_count(d_in, d_out, rank):
     d = m.layer.delta
     assert {n for n, _ in d.named_parameters()} == {"randlora_lambda", "randlora_gamma"}
     assert d.randlora_A.shape == (rank, d_min) and d.randlora_B.shape == (max(d_in, d_out), n, rank)
+    assert set(d.state_dict()) == {"randlora_lambda", "randlora_gamma"}  # the bases are non-persistent buffers
 
 
 def test_saved_file_holds_only_scalings_and_reload_regenerates(tmp_path):
@@ -85,17 +97,11 @@ def test_saved_file_holds_only_scalings_and_reload_regenerates(tmp_path):
     ss.save_adapter(m, tmp_path)
     saved = load_file(tmp_path / "subspaces_adapter.safetensors")
     assert {k.rsplit(".", 1)[-1] for k in saved} == {"randlora_lambda", "randlora_gamma"}
-    cache = dict(rl._CACHE)
-    rl._CACHE.clear()  # force the bases to be drawn again
-    try:
-        loaded = ss.load_adapter(copy.deepcopy(base), tmp_path)
-    finally:
-        rl._CACHE.update(cache)
+    loaded = ss.load_adapter(copy.deepcopy(base), tmp_path)
     assert torch.equal(logits(loaded, x), ref)
-    for (_, la), (_, lb) in zip(adapted_layers(m), adapted_layers(loaded)):
-        assert la.delta.randlora_B is not lb.delta.randlora_B
-        assert torch.equal(la.delta.randlora_A, lb.delta.randlora_A)
-        assert torch.equal(la.delta.randlora_B, lb.delta.randlora_B)
+    assert stored(loaded) == (6, set(map(torch.Tensor.data_ptr, resolved(loaded))))  # shared again after load
+    for a, b in zip(resolved(m), resolved(loaded)):
+        assert a is not b and torch.equal(a, b)
 
 
 # 4. the custom gradient equals plain autograd ---------------------------------------------------------------------
@@ -120,7 +126,7 @@ def test_bases_shared_sliced_and_seeded():
     m.a, m.b, m.big = nn.Linear(48, 64), nn.Linear(48, 64), nn.Linear(300, 400)
     ss.adapt_(m, "randlora", rank=8, seed=3, targets=["a", "b", "big"])
     a, b, big = m.a.delta, m.b.delta, m.big.delta
-    assert a.randlora_A is b.randlora_A and a.randlora_B is b.randlora_B  # one tensor for equal shapes
+    assert all(s is t for s, t in zip(a.bases(), b.bases()))  # one tensor for equal shapes
     assert torch.equal(a.randlora_A, big.randlora_A[:, :48])  # smaller layers see slices of the larger bases
     assert torch.equal(a.randlora_B, big.randlora_B[:64, :6])
     A, B = rl.random_bases(3, 8, 300, 400)
@@ -142,7 +148,7 @@ def test_sparse_bases_are_ternary(bases, p_zero):
 def test_cuda_bases_equal_cpu_bases():
     cpu = one_layer(nn.Linear(48, 64), rank=8).layer.delta
     gpu = one_layer(nn.Linear(48, 64).cuda(), rank=8).layer.delta
-    assert gpu.randlora_B.is_cuda and torch.equal(gpu.randlora_B.cpu(), cpu.randlora_B)
+    assert gpu.bases()[1].is_cuda and torch.equal(gpu.bases()[1].cpu(), cpu.bases()[1])
 
 
 # 6. fold equivalence and the transposed orientation ----------------------------------------------------------------
@@ -174,3 +180,61 @@ def test_scaling_conventions():
     for kw in ({"rank": 0}, {"bases": "dense2"}, {"scaling": "vera"}, {"dropout": -0.1}, {"seed": -1}):
         with pytest.raises(ss.SubspacesError, match=next(iter(kw))):
             RandLoRA(**kw)
+
+
+# 7. memory: one basis pair per (d_min, d_max), kept through .to() and deepcopy; outputs as before the sharing ------
+
+# logits[0, -1, :6] and the first entries of the 64 -> 32 layer's bases, recorded from the implementation before
+# RandLoRA.share (a module-level cache shared one tensor per shape until .to() split it): same seeds, same bases.
+RECORDED = {
+    "dense": ([0.1378939002752304, -0.03300781548023224, -0.0515286810696125, -0.007073577027767897,
+               -0.2845856547355652, 0.07289820909500122],
+              [-0.3504699766635895, -1.703077793121338, -0.2089410424232483],
+              [0.9860219359397888, -0.28437477350234985, 0.27212265133857727], -28.47335705840669),
+    "sparse": ([-0.031901612877845764, 0.1481255441904068, -0.19170401990413666, -0.0805167406797409,
+                -0.010621643625199795, -0.007681793533265591],
+               [0.0, -1.7320507764816284, 0.0], [0.0, 0.0, 0.0], 6.928203105926514),
+}
+
+
+@pytest.mark.parametrize("bases", list(RECORDED))
+def test_outputs_and_bases_as_recorded(bases):
+    m = llama_causal()
+    ss.adapt_(m, "randlora", rank=4, alpha=8.0, bases=bases, targets="all-linear")
+    randomize_adapters(m)
+    out, a3, b3, b_sum = RECORDED[bases]
+    torch.testing.assert_close(logits(m, ids())[0, -1, :6], torch.tensor(out), atol=1e-6, rtol=0)
+    A, B = m.model.layers[1].mlp.down_proj.delta.bases()  # not the owner of its shape: layer 0's down_proj is
+    assert torch.equal(A.flatten()[:3], torch.tensor(a3)) and torch.equal(B.flatten()[:3], torch.tensor(b3))
+    assert B.double().sum().item() == pytest.approx(b_sum, rel=1e-9)
+
+
+def test_bases_stored_once_per_shape_through_to_and_deepcopy():
+    m = llama_causal()
+    ss.adapt_(m, "randlora", rank=4, alpha=8.0, targets="all-linear")
+    randomize_adapters(m)
+    x = ids()
+    ref = logits(m, x)
+    keys = {(min(layer.weight.shape), max(layer.weight.shape)) for _, layer in adapted_layers(m)}
+    assert len(adapted_layers(m)) == 14 and len(keys) == 3
+
+    def check(model, dtype):
+        count, ptrs = stored(model)
+        assert count == len(ptrs) == 2 * len(keys)  # A and B registered once per shape, not once per layer
+        tensors = resolved(model)
+        assert {t.data_ptr() for t in tensors} == ptrs and all(t.dtype == dtype for t in tensors)
+        return ptrs
+
+    before = check(m, torch.float32)
+    twin = copy.deepcopy(m)
+    assert check(twin, torch.float32).isdisjoint(before)  # the copy shares its own bases
+    assert torch.equal(logits(twin, x), ref)
+    m.to(torch.float64)
+    check(m, torch.float64)
+    torch.testing.assert_close(logits(m, x).float(), ref, atol=1e-6, rtol=0)
+
+
+def test_delta_before_share_raises_clearly():
+    d = RandLoRA(rank=8).build(nn.Linear(64, 48))
+    with pytest.raises(ss.SubspacesError, match="RandLoRA.share"):
+        d.weight()

@@ -15,9 +15,9 @@ Official code: https://github.com/Forence1999/MoS (``modules/Tied_LoRA.py``: ``s
 
 Hyperparameters (official run args): ``rank`` = ``lora_r``, ``equivalent_rank`` = ``valid_param_lora_r``,
 ``private_rank`` = ``valid_param_private_r``, ``shards_per_vector`` = ``num_chunk_per_vec``; α = 16 and dropout 0.1
-as in every official script. The default ranks (8, 2, 1, l = 2) fit a 12-layer, hidden-384 encoder such as
-MiniLM on W_q/W_v: each layer needs r − r_p = 7 public rank-vectors out of (r_e − r_p)·L = 12, the budget is that
-of a rank-2 LoRA, and 384 is divisible by l.
+as in every official script. The default ranks (6, 2, 1, l = 2) fit encoders from 6 layers up, such as the
+6-layer MiniLM on W_q/W_v: each layer needs r − r_p = 5 public rank-vectors out of (r_e − r_p)·L = 6, the budget is
+that of a rank-2 LoRA, and 384 is divisible by l. Deeper models can afford a larger ``rank`` (12 layers: up to 13).
 
 Deviations from the official code:
 - L and ℓ come from the layers adapted together (per type, in model order), not from ``num_hidden_layers`` and the
@@ -52,7 +52,7 @@ class MoS(AdapterConfig):
     """MoS hyperparameters: per-layer rank r, equivalent rank r_e (the budget), private rank r_p, shards per
     rank-vector l, LoRA alpha (s = α/r), dropout, and the seed of the shard selections."""
 
-    rank: int = 8
+    rank: int = 6
     equivalent_rank: int = 2
     private_rank: int = 1
     shards_per_vector: int = 2

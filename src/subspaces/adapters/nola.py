@@ -15,8 +15,9 @@ Seeds and deviations from the official code:
 - The official code draws one random seed per module and stores it; here ``build(layer)`` does not see the module
   name, so the per-layer seed is a hash of (``seed``, d_out, d_in, rank, init). Layers of equal shape therefore
   share their random bases (as the ViT code does, which seeds every layer with 0) while their coefficients stay
-  independent; checkpoints hold only the coefficients (the seed lives in the JSON config). Equal-shaped layers
-  share one cached basis tensor in memory.
+  independent; checkpoints hold only the coefficients (the seed lives in the JSON config). ``NOLA.share`` registers
+  the bases of each shape once, on the first layer of that shape (the others reach them through ``owner_of``), so
+  ``model.to()`` converts one tensor per shape and a deepcopy keeps the sharing.
 - Bases come from a local CPU ``torch.Generator`` (one per basis index, so cached and regenerated bases are
   bit-identical and CPU/CUDA agree), never the global RNG; A0 is regenerated from the seed instead of stored.
 - Dropout (as in the LLaMA PEFT fork) is an addition; the GPT code has none.
@@ -25,7 +26,6 @@ Layers: nn.Linear and transformers' GPT-2 Conv1D (weight stored (d_in, d_out)).
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -34,11 +34,11 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, linear_dims, master_dtype, stable_seed, validate_common
+from ._core import (AdapterConfig, Delta, linear_dims, master_dtype, owner_of, set_owner, stable_seed,
+                    validate_common)
 
 _INITS = ("lora", "uniform_coef")
 _CHUNK = 64  # bases regenerated at a time when cache_bases=False
-_CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _bases(seed: int, tag: str, lo: int, hi: int, shape: tuple[int, int], bound: float,
@@ -107,6 +107,18 @@ class NOLA(AdapterConfig):
     def build(self, layer: nn.Module, *, init: bool = True) -> NOLADelta:
         return NOLADelta(layer, self)
 
+    def share(self, deltas: list[tuple[str, Delta]], *, init: bool) -> None:
+        """Draw the bases once per seed (i.e. per layer shape), device and dtype, as non-persistent buffers of the
+        first such layer; runs at load too, since the bases are regenerated, never saved."""
+        owners: dict[tuple, NOLADelta] = {}
+        for _, delta in deltas:
+            p = delta.nola_alpha
+            owner = owners.setdefault((delta.seed, p.device, p.dtype), delta)
+            if owner is delta:
+                delta.draw_bases()
+            else:
+                set_owner(delta, owner)
+
 
 class NOLADelta(Delta):
     def __init__(self, layer: nn.Module, config: NOLA) -> None:
@@ -127,35 +139,42 @@ class NOLADelta(Delta):
         self.nola_beta = nn.Parameter(torch.full((kb,), c[1], device=w.device, dtype=dtype))
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
         self.cached = config.cache_bases
-        if config.init == "lora":  # A0: nn.Linear's default init, U(-1/√d_in, 1/√d_in), from the seed
-            self.register_buffer("A0", self._shared("A0", 1, 1 / math.sqrt(d_in), w.device, dtype),
-                                 persistent=False)
-        else:
-            self.A0 = None
+        self.k = {"A": ka, "B": kb}
+        self.has_A0 = config.init == "lora"
+        self.A0_bound = 1 / math.sqrt(d_in)  # A0: nn.Linear's default init, U(-1/√d_in, 1/√d_in), from the seed
+
+    def draw_bases(self) -> None:
+        """Register this layer's frozen bases (``NOLA.share`` calls it on one layer per seed)."""
+        p = self.nola_alpha
+        if self.has_A0:
+            a0 = _bases(self.seed, "A0", 0, 1, self.shapes["A"], self.A0_bound, p.device, p.dtype)[0]
+            self.register_buffer("A0", a0, persistent=False)
         if self.cached:
-            for tag, k in (("A", ka), ("B", kb)):
-                t = self._shared(tag, k, self.bounds[tag], w.device, dtype)
+            for tag in ("A", "B"):
+                t = _bases(self.seed, tag, 0, self.k[tag], self.shapes[tag], self.bounds[tag], p.device, p.dtype)
                 self.register_buffer(f"bases_{tag}", t, persistent=False)
 
-    def _shared(self, tag: str, k: int, bound: float, device, dtype) -> torch.Tensor:
-        shape = self.shapes["A" if tag == "A0" else tag]
-        key = (self.seed, tag, k, bound, str(torch.device(device)), dtype)
-        t = _CACHE.get(key)
+    def shared(self, name: str) -> torch.Tensor | None:
+        """The frozen tensor ``name`` ("A0", "bases_A", "bases_B") held by this layer's group owner; None where the
+        config has none (A0 under init="uniform_coef", the bases under cache_bases=False)."""
+        if not (self.has_A0 if name == "A0" else self.cached):
+            return None
+        t = owner_of(self)._buffers.get(name)
         if t is None:
-            t = _bases(self.seed, tag, 0, k, shape, bound, device, dtype)
-            _CACHE[key] = t = t[0] if tag == "A0" else t
+            raise SubspacesError("nola: the random bases are drawn by NOLA.share once every layer is attached; "
+                                 "attach deltas with ss.adapt_")
         return t
 
     def _factor(self, tag: str, coef: torch.Tensor) -> torch.Tensor:
         if self.cached:
-            return torch.einsum("k,kij->ij", coef, getattr(self, f"bases_{tag}"))
+            return torch.einsum("k,kij->ij", coef, self.shared(f"bases_{tag}"))
         return _Mix.apply(coef, (self.seed, tag, self.shapes[tag], self.bounds[tag]))
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A (r, d_in), B (d_out, r))."""
         A = self._factor("A", self.nola_alpha)
-        if self.A0 is not None:
-            A = A + self.A0
+        if self.has_A0:
+            A = A + self.shared("A0")
         return A, self._factor("B", self.nola_beta)
 
     def weight(self) -> torch.Tensor:

@@ -23,14 +23,15 @@ Deliberate deviations:
   variance, i.e. kaiming-uniform / std; sparse: ternary ±√s) instead of the drawn tensor's empirical std. So the
   bases of every layer are slices of one conceptual tensor without knowing the largest layer in advance (PEFT
   allocates at the largest size and slices), and reloading regenerates them bit-identically on any device.
-  Equal-shaped layers share one tensor in memory; they are never saved (PEFT's ``save_projection=False``).
+  ``RandLoRA.share`` registers them once per (d_min, d_max), on the first such layer (the others reach them through
+  ``owner_of``), so ``model.to()`` converts one tensor per shape; they are never saved (PEFT's
+  ``save_projection=False``).
 - ``bases="very_sparse"`` uses the layer's own d_min for P(±1) = 1/(2√d_min) each (PEFT: the largest d_min).
 Layers: nn.Linear and transformers' GPT-2 Conv1D (weight stored (d_in, d_out)).
 """
 from __future__ import annotations
 
 import math
-import weakref
 from dataclasses import dataclass
 
 import torch
@@ -39,12 +40,12 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, linear_dims, master_dtype, stable_seed, validate_common
+from ._core import (AdapterConfig, Delta, linear_dims, master_dtype, owner_of, set_owner, stable_seed,
+                    validate_common)
 
 _BASES = ("dense", "sparse", "very_sparse")
 _SCALINGS = ("peft", "loralib")
 _BLOCK = 256  # rows drawn per generator seed
-_CACHE: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def _rows(key: tuple, n: int, r: int) -> torch.Tensor:
@@ -118,6 +119,20 @@ class RandLoRA(AdapterConfig):
     def build(self, layer: nn.Module, *, init: bool = True) -> RandLoRADelta:
         return RandLoRADelta(layer, self)
 
+    def share(self, deltas: list[tuple[str, Delta]], *, init: bool) -> None:
+        """Draw the bases once per (d_min, d_max, device, dtype), as non-persistent buffers of the first such layer;
+        runs at load too, since the bases are regenerated, never saved."""
+        owners: dict[tuple, RandLoRADelta] = {}
+        for _, delta in deltas:
+            p = delta.randlora_gamma
+            owner = owners.setdefault((delta.d_min, delta.d_max, p.device, p.dtype), delta)
+            if owner is delta:
+                A, B = random_bases(self.seed, self.rank, delta.d_min, delta.d_max, self.bases)
+                delta.register_buffer("randlora_A", A.to(device=p.device, dtype=p.dtype), persistent=False)
+                delta.register_buffer("randlora_B", B.to(device=p.device, dtype=p.dtype), persistent=False)
+            else:
+                set_owner(delta, owner)
+
 
 class RandLoRADelta(Delta):
     def __init__(self, layer: nn.Module, config: RandLoRA) -> None:
@@ -132,19 +147,22 @@ class RandLoRADelta(Delta):
         self.randlora_lambda = nn.Parameter(torch.zeros(r, n, device=w.device, dtype=dtype))
         self.randlora_gamma = nn.Parameter(torch.full((n, d_min), 1 / max(n, d_min), device=w.device, dtype=dtype))
         self.drop = nn.Dropout(config.dropout) if config.dropout > 0 else None
-        key = (config.seed, r, d_min, d_max, config.bases, str(w.device), dtype)
-        pair = [_CACHE.get(key + (t,)) for t in "AB"]
-        if pair[0] is None or pair[1] is None:
-            pair = [t.to(device=w.device, dtype=dtype) for t in random_bases(config.seed, r, d_min, d_max,
-                                                                                 config.bases)]
-            _CACHE[key + ("A",)], _CACHE[key + ("B",)] = pair
-        self.register_buffer("randlora_A", pair[0], persistent=False)
-        self.register_buffer("randlora_B", pair[1], persistent=False)
+        self.d_min, self.d_max = d_min, d_max
+
+    def bases(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The frozen (A (r, d_min), B (d_max, N, r)) held by this layer's group owner."""
+        owner = owner_of(self)
+        A, B = owner._buffers.get("randlora_A"), owner._buffers.get("randlora_B")
+        if A is None or B is None:
+            raise SubspacesError("randlora: the random bases are drawn by RandLoRA.share once every layer is "
+                                 "attached; attach deltas with ss.adapt_")
+        return A, B
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(down (N·r, d_in), up (d_out, N·r)) with ΔW = s · up @ down."""
-        scaled = _ScaledBase.apply(self.randlora_A, self.randlora_lambda, self.randlora_gamma).flatten(0, 1)
-        B = self.randlora_B.flatten(1)  # (d_max, N·r), column i·r + k = column k of B_i
+        A, B = self.bases()
+        scaled = _ScaledBase.apply(A, self.randlora_lambda, self.randlora_gamma).flatten(0, 1)
+        B = B.flatten(1)  # (d_max, N·r), column i·r + k = column k of B_i
         return (scaled, B) if self.small_in else (B.T, scaled.T)
 
     def weight(self) -> torch.Tensor:

@@ -25,7 +25,7 @@ def parse_params(text: str, context: str) -> dict[str, Any]:
                 if not eq or not key.strip():
                     raise SubspacesError(f"{context}: expected key=value,... (got {item!r})")
                 try:
-                    hp[key.strip()] = yaml.safe_load(value)
+                    hp[key.strip()] = _number(yaml.safe_load(value))
                 except yaml.YAMLError:
                     raise SubspacesError(f"{context}: cannot parse the value of {key.strip()!r}") from None
             item = ""
@@ -34,6 +34,16 @@ def parse_params(text: str, context: str) -> dict[str, Any]:
     if depth:
         raise SubspacesError(f"{context}: unbalanced brackets in {text!r}")
     return hp
+
+
+def _number(value: Any) -> Any:
+    """YAML 1.1 reads ``3e-2`` (no dot) as a string: take it as the float a user means."""
+    if isinstance(value, str) and any(c.isdigit() for c in value):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    return value
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
