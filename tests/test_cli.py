@@ -39,6 +39,7 @@ def test_methods_lists_the_registry():
     r = cli("methods")
     assert r.returncode == 0
     assert "lora" in r.stdout and "arxiv.org/abs/2106.09685" in r.stdout
+    assert "maestro (partial):" in r.stdout  # the note of a partial method
 
 
 @pytest.mark.parametrize("args, message", [

@@ -24,6 +24,7 @@ def test_public_api():
 
 def test_list_methods_rows():
     rows = ss.list_methods()
-    assert {"family", "name", "paper", "status"} == set(rows[0])
+    assert {"family", "name", "paper", "status", "note"} == set(rows[0])
+    assert all(r["note"] for r in rows if r["status"] != "complete")  # a partial method says what it leaves out
     lora = next(r for r in rows if r["name"] == "lora")
     assert lora["family"] == "adapt" and lora["paper"].startswith("https://arxiv.org/") and lora["status"] == "complete"

@@ -61,11 +61,12 @@ REGISTRIES = (ADAPTERS,)
 
 
 def list_methods() -> list[dict[str, str]]:
-    """Every registered method as rows ``{family, name, paper, status}``."""
+    """Every registered method as rows ``{family, name, paper, status, note}`` (the note says what a partial
+    method leaves out)."""
     from . import adapters  # noqa: F401  (importing registers the methods)
 
     return [
-        {"family": e.family, "name": e.name, "paper": e.paper, "status": e.status}
+        {"family": e.family, "name": e.name, "paper": e.paper, "status": e.status, "note": e.note or ""}
         for reg in REGISTRIES
         for e in reg.entries()
     ]

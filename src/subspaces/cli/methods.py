@@ -13,6 +13,11 @@ def methods() -> None:
     from .._registry import list_methods
 
     table = Table("family", "name", "paper", "status")
-    for row in list_methods():
+    rows = list_methods()
+    for row in rows:
         table.add_row(row["family"], row["name"], row["paper"], row["status"])
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for row in rows:
+        if row["note"]:
+            console.print(f"[bold]{row['name']}[/] ({row['status']}): {row['note']}")
