@@ -363,13 +363,13 @@ def truncate_(model: nn.Module, rank: int | dict[str, int]) -> nn.Module:
         unknown = sorted(set(rank) - {n for n, _ in layers})
         if unknown:
             raise SubspacesError(f"truncate_: {unknown[0]!r} is not an adapted layer")
-    for name, layer in layers:
-        k = rank.get(name) if isinstance(rank, dict) else rank
-        if k is None:
-            continue
-        if isinstance(k, bool) or not isinstance(k, int) or k <= 0:
+    plan = [(layer, rank.get(name) if isinstance(rank, dict) else rank, name) for name, layer in layers]
+    for _, k, name in plan:  # check every rank before changing any layer
+        if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k <= 0):
             raise SubspacesError(f"truncate_: rank {k!r} for {name} must be a positive integer")
-        layer._modules[DELTA].truncate_(k)
+    for layer, k, _ in plan:
+        if k is not None:
+            layer._modules[DELTA].truncate_(k)
     return model
 
 
