@@ -100,6 +100,29 @@ def with_spectrum(S: list[float], d_out: int = 10, d_in: int = 14, seed: int = 0
     return lin
 
 
+def assert_stored_once(model: nn.Module, resolve, n: int) -> None:
+    """Frozen tensors shared across layers (``AdapterConfig.share``) are ``n`` buffers registered once each, the
+    ones every layer computes with (``resolve(model)``), in one dtype — also in a deepcopy (its own tensors) and
+    after ``model.to(torch.float64)`` (outputs kept to 1e-6)."""
+    def check(m: nn.Module, dtype: torch.dtype) -> set[int]:
+        bufs = [b for name, b in m.named_buffers(remove_duplicate=False) if ".delta." in name]
+        ptrs = {b.data_ptr() for b in bufs}
+        assert len(bufs) == len(ptrs) == n  # registered once per key, not once per layer
+        tensors = resolve(m)
+        assert {t.data_ptr() for t in tensors} == ptrs and all(t.dtype == dtype for t in tensors)
+        return ptrs
+
+    x = ids()
+    ref = logits(model, x)
+    before = check(model, torch.float32)
+    twin = copy.deepcopy(model)
+    assert check(twin, torch.float32).isdisjoint(before)  # the copy shares its own tensors
+    assert torch.equal(logits(twin, x), ref)
+    model.to(torch.float64)
+    check(model, torch.float64)
+    torch.testing.assert_close(logits(model, x).float(), ref, atol=1e-6, rtol=0)
+
+
 def state_snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

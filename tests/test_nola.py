@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import ids, llama_causal, logits, randomize_adapters
+from conftest import assert_stored_once, ids, llama_causal, logits, randomize_adapters
 from safetensors.torch import load_file
 from torch import nn
 
@@ -201,27 +201,10 @@ def test_bases_stored_once_per_shape_through_to_and_deepcopy(cache):
     m = llama_causal()
     ss.adapt_(m, "nola", rank=2, k_a=8, k_b=8, cache_bases=cache, targets="all-linear")
     randomize_adapters(m)
-    x = ids()
-    ref = logits(m, x)
     shapes = {(layer.in_features, layer.out_features) for _, layer in adapted_layers(m)}
     assert len(adapted_layers(m)) == 14 and len(shapes) == 4
     per_shape = 3 if cache else 1  # A0, bases_A, bases_B; A0 only when bases are regenerated on the fly
-    n = per_shape * len(shapes)
-
-    def check(model, dtype):
-        count, ptrs = stored(model)
-        assert count == len(ptrs) == n  # registered once per shape, not once per layer
-        tensors = resolved(model)
-        assert {t.data_ptr() for t in tensors} == ptrs and all(t.dtype == dtype for t in tensors)
-        return ptrs
-
-    before = check(m, torch.float32)
-    twin = copy.deepcopy(m)
-    assert check(twin, torch.float32).isdisjoint(before)  # the copy shares its own bases
-    assert torch.equal(logits(twin, x), ref)
-    m.to(torch.float64)
-    check(m, torch.float64)
-    torch.testing.assert_close(logits(m, x).float(), ref, atol=1e-6, rtol=0)
+    assert_stored_once(m, resolved, per_shape * len(shapes))
 
 
 def test_delta_before_share_raises_clearly():
