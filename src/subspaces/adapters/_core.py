@@ -144,6 +144,12 @@ def validate_common(config: AdapterConfig) -> None:
         raise SubspacesError(f"{name} dropout={dropout!r}: must be in [0, 1)")
 
 
+def check_int(method: str, name: str, value: object, low: int) -> None:
+    """An integer hyperparameter (not a bool) of at least ``low``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise SubspacesError(f"{method} {name}={value!r}: must be an integer >= {low}")
+
+
 def master_dtype(weight: torch.Tensor) -> torch.dtype:
     """The dtype of an adapter's tensors on a base weight: fp32 on half-precision bases (the optimizer needs the
     bits, as PEFT's autocast_adapter_dtype), the base dtype otherwise."""

@@ -84,11 +84,6 @@ class TripletDelta(Delta):
         self.step.fill_(self.t)
 
 
-def check_int(method: str, name: str, value, low: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise SubspacesError(f"{method} {name}={value!r}: must be an integer >= {low}")
-
-
 def check_common(config) -> None:
     """alpha >= 0, β1, β2 in (0, 1), orth_reg_weight >= 0 (the checks both methods share)."""
     name = config.registry_name

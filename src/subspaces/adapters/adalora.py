@@ -28,8 +28,8 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, linear_dims, master_dtype, validate_common
-from ._svd_triplets import TripletDelta, check_common, check_int, drop_ema, ema_, ema_score, orth_penalty, scaling, \
+from ._core import AdapterConfig, Delta, check_int, linear_dims, master_dtype, validate_common
+from ._svd_triplets import TripletDelta, check_common, drop_ema, ema_, ema_score, orth_penalty, scaling, \
     svd_forward, svd_weight
 
 

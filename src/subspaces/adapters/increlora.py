@@ -35,8 +35,8 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, linear_dims, validate_common
-from ._svd_triplets import TripletDelta, check_common, check_int, ema_, ema_score, orth_penalty, scaling, \
+from ._core import AdapterConfig, Delta, check_int, linear_dims, validate_common
+from ._svd_triplets import TripletDelta, check_common, ema_, ema_score, orth_penalty, scaling, \
     svd_forward, svd_weight
 
 ADD_R = {2: 1, 4: 2, 6: 3, 8: 4}  # the code's incre_rank_num for a target_rank

@@ -38,12 +38,8 @@ from torch import nn
 
 from .._errors import SubspacesError
 from .._registry import ADAPTERS
-from ._core import AdapterConfig, Delta, linear_dims, master_dtype, owner_of, set_owner, stable_seed, validate_common
-
-
-def _count(value: object, name: str, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise SubspacesError(f"mos {name}={value!r}: must be an integer >= {minimum}")
+from ._core import (AdapterConfig, Delta, check_int, linear_dims, master_dtype, owner_of, set_owner, stable_seed,
+                    validate_common)
 
 
 @ADAPTERS.register("mos", paper="https://arxiv.org/abs/2410.00938")
@@ -62,10 +58,10 @@ class MoS(AdapterConfig):
 
     def __post_init__(self) -> None:
         validate_common(self)
-        _count(self.equivalent_rank, "equivalent_rank", 1)
-        _count(self.private_rank, "private_rank", 0)
-        _count(self.shards_per_vector, "shards_per_vector", 1)
-        _count(self.seed, "seed", 0)
+        check_int("mos", "equivalent_rank", self.equivalent_rank, 1)
+        check_int("mos", "private_rank", self.private_rank, 0)
+        check_int("mos", "shards_per_vector", self.shards_per_vector, 1)
+        check_int("mos", "seed", self.seed, 0)
         if isinstance(self.alpha, bool) or not isinstance(self.alpha, (int, float)) or self.alpha <= 0:
             raise SubspacesError(f"mos alpha={self.alpha!r}: must be a positive number")
         if not self.rank >= self.equivalent_rank >= self.private_rank:
