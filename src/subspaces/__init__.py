@@ -22,7 +22,7 @@ from .adapters._core import (
 from .adapters._saving import load_adapter, save_adapter
 from .integrations.peft import export_lora
 
-_LAZY = ("adapters", "linalg", "measure", "models", "data", "integrations")
+_LAZY = ("adapters", "optim", "nn", "linalg", "measure", "models", "data", "integrations")
 
 __all__ = [
     "SubspacesError",

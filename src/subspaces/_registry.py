@@ -57,13 +57,14 @@ class Registry:
 
 
 ADAPTERS = Registry("adapt")
-REGISTRIES = (ADAPTERS,)
+TRAIN = Registry("train")
+REGISTRIES = (ADAPTERS, TRAIN)
 
 
 def list_methods() -> list[dict[str, str]]:
     """Every registered method as rows ``{family, name, paper, status, note}`` (the note says what a partial
     method leaves out)."""
-    from . import adapters  # noqa: F401  (importing registers the methods)
+    from . import adapters, optim  # noqa: F401  (importing registers the methods)
 
     return [
         {"family": e.family, "name": e.name, "paper": e.paper, "status": e.status, "note": e.note or ""}
