@@ -39,7 +39,7 @@ class Projector:
     """Base class of gradient projectors (GaLore, DCT, random, ...).
 
     Args:
-        rank: width r of the proxy; a parameter whose smaller side is <= r is not projected at all.
+        rank: width r of the proxy; a parameter whose smaller side is below r is not projected at all.
         update_every: refresh the basis every this many steps of the parameter (GaLore's T).
         scale: α multiplying the back-projected update (GaLore's ``scale``).
         on_switch: what happens to the inner optimizer's state of a proxy when its basis is refreshed:
@@ -71,8 +71,8 @@ class Projector:
 
     # ------------------------------------------------------------------ geometry
     def applies_to(self, shape: torch.Size) -> bool:
-        """Whether a parameter of ``shape`` is projected (2-D and larger than the rank on its smaller side)."""
-        return len(shape) == 2 and (not self.low_rank or min(shape) > self.rank)
+        """Whether a parameter of ``shape`` is projected (2-D, and at least the rank on its smaller side)."""
+        return len(shape) == 2 and (not self.low_rank or min(shape) >= self.rank)
 
     def proxy_shape(self, shape: torch.Size) -> tuple[int, int]:
         m, n = shape
