@@ -90,7 +90,7 @@ def test_resume_is_bit_exact(name):
 @pytest.mark.parametrize("name", METHODS)
 def test_state_bytes_match_the_formula(name):
     m, opt = build(name)
-    train(m, opt, batches(2))
+    train(m, opt, batches(3))  # odd: SST (T3 = 2) drops the moments of resampled columns after even steps
     assert ss.optim.state_bytes(opt) == ss.optim.expected_state_bytes(opt) > 0
 
 

@@ -17,9 +17,17 @@ from .._registry import TRAIN
 from ._projected import Projected
 from ._projector import Projector
 from ._state import expected_state_bytes, state_bytes
+from .dct import DCT
 from .galore import GaLore
+from .random import RandomProjector
+from .restarts import Restarts, RestartsOptimizer, refactor_, reset_moments_
+from .sculpt import Sculpt, layer_retention, next_task_
+from .sltrain import SLLinear, SLTrain, sltrain_
+from .sst import SST, SSTLinear
+from .welore import WeLore, welore_, welore_ranks
 
-__all__ = ["GaLore", "Projected", "Projector", "expected_state_bytes", "setup_", "state_bytes"]
+__all__ = ["DCT", "GaLore", "RandomProjector", "Projected", "Projector", "Restarts", "RestartsOptimizer", "SLLinear", "SLTrain", "SST", "SSTLinear", "Sculpt", "WeLore", "expected_state_bytes",
+           "layer_retention", "next_task_", "refactor_", "reset_moments_", "setup_", "sltrain_", "state_bytes", "welore_", "welore_ranks"]
 
 
 def config_for(method: str | Any, **hyperparameters: Any) -> Any:

@@ -124,10 +124,11 @@ class Projected(torch.optim.Optimizer):
             grad = p.grad
             step = int(state["step"])
             if proj.due(step):
-                old = proj.basis(state, grad).clone() if step > 0 and proj.on_switch == "rotate" else None
+                old = {k: v.clone() for k, v in state.items()} if step > 0 and proj.on_switch == "rotate" else None
                 proj.refresh(state, grad)
                 if step > 0:
-                    self._switch(proxy, proj.on_switch, old, proj.basis(state, grad), side_of(p.shape))
+                    R = proj.rotation(old, state, grad) if old is not None else None
+                    self._switch(proxy, proj.on_switch, R, side_of(p.shape))
             proxy.zero_()
             proxy.grad = proj.down(state, grad).to(proxy.dtype)
             active.append(i)
@@ -143,7 +144,7 @@ class Projected(torch.optim.Optimizer):
             proxy.grad = None
         return loss
 
-    def _switch(self, proxy: Tensor, on_switch: str, old: Tensor | None, new: Tensor, side: str) -> None:
+    def _switch(self, proxy: Tensor, on_switch: str, R: Tensor | None, side: str) -> None:
         """The projector's ``on_switch`` rule applied to the inner optimizer's state of ``proxy``."""
         state = self.inner.state.get(proxy)
         if not state or on_switch == "keep":
@@ -151,7 +152,7 @@ class Projected(torch.optim.Optimizer):
         if on_switch == "reset":
             self.inner.state[proxy] = {}
             return
-        R = (old.T.float() @ new.float())  # (r, r): coordinates of the old basis vectors in the new basis
+        R = R.float()
         for key, t in state.items():
             if isinstance(t, Tensor) and t.shape == proxy.shape:
                 rot = t.float() @ R if side == "right" else R.T @ t.float()

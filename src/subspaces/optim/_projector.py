@@ -95,6 +95,10 @@ class Projector:
         """The current basis ``Q`` (s, r) with orthonormal columns (or the random matrix), in ``like``'s dtype."""
         raise NotImplementedError
 
+    def rotation(self, old: State, new: State, like: Tensor) -> Tensor:
+        """``R = Q_oldᵀ Q_new`` (r, r): the old basis vectors' coordinates in the new basis (``on_switch="rotate"``)."""
+        return self.basis(old, like).T.float() @ self.basis(new, like).float()
+
     # ------------------------------------------------------------------ the projection
     def down(self, state: State, grad: Tensor) -> Tensor:
         Q = self.basis(state, grad)
