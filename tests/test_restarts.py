@@ -212,11 +212,11 @@ def test_state_dict_round_trip_resumes_the_same_restarts(tmp_path):
     ckpt = torch.load(tmp_path / "ckpt.pt", weights_only=True)
     b.load_state_dict(ckpt["model"])
     opt_b.load_state_dict(ckpt["opt"])
-    assert opt_b.restart_step == 5
+    assert opt_b.steps == 5
     assert opt_b.param_groups is opt_b.inner.param_groups and opt_b.state is opt_b.inner.state
     train(b, opt_b, 5, start=5)
     assert_same_params(a, b)
-    with pytest.raises(ss.SubspacesError, match="restarts"):
+    with pytest.raises(ss.SubspacesError, match="RestartsOptimizer state dict"):
         opt_b.load_state_dict(opt_b.inner.state_dict())
 
 

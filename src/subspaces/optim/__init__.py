@@ -26,8 +26,11 @@ from .sltrain import SLLinear, SLTrain, sltrain_
 from .sst import SST, SSTLinear
 from .welore import WeLore, welore_, welore_ranks
 
-__all__ = ["DCT", "GaLore", "RandomProjector", "Projected", "Projector", "Restarts", "RestartsOptimizer", "SLLinear", "SLTrain", "SST", "SSTLinear", "Sculpt", "WeLore", "expected_state_bytes",
-           "layer_retention", "next_task_", "refactor_", "reset_moments_", "setup_", "sltrain_", "state_bytes", "welore_", "welore_ranks"]
+__all__ = [
+    "DCT", "expected_state_bytes", "GaLore", "layer_retention", "next_task_", "Projected", "Projector",
+    "RandomProjector", "refactor_", "reset_moments_", "Restarts", "RestartsOptimizer", "Sculpt", "setup_",
+    "SLLinear", "SLTrain", "sltrain_", "SST", "SSTLinear", "state_bytes", "WeLore", "welore_", "welore_ranks",
+]
 
 
 def config_for(method: str | Any, **hyperparameters: Any) -> Any:

@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +31,7 @@ from .._errors import SubspacesError
 from .._registry import TRAIN
 from ..nn import LowRankLinear
 from ._projector import check_positive_int
+from ._scheduled import Scheduled
 from .sltrain import DEFAULT_TARGETS, SLLinear, SLTrain, check_sparse_lowrank_fields, sltrain_
 
 BASES = ("lowrank", "sltrain")
@@ -123,7 +123,7 @@ def lowrank_(model: nn.Module, *, rank: int, targets: tuple[str, ...], seed: int
     return [name for name, _ in chosen]
 
 
-class RestartsOptimizer(torch.optim.Optimizer):
+class RestartsOptimizer(Scheduled):
     """Steps ``inner`` (AdamW), then every ``update_every`` steps refactors ``layers`` (and resets their moments)
     and every ``reset_every`` steps resets all moments. ``param_groups`` and ``state`` are ``inner``'s own objects,
     so LR schedulers and the Hugging Face Trainer act on the optimizer that steps."""
@@ -131,25 +131,15 @@ class RestartsOptimizer(torch.optim.Optimizer):
     def __init__(self, inner: torch.optim.Optimizer, layers: Iterable[nn.Module], *, update_every: int | None = 200,
                  reset_every: int | None = 200, reset_second_moment: bool = True,
                  reset_step_counter: bool = True) -> None:
-        if not isinstance(inner, torch.optim.Optimizer):
-            raise SubspacesError(f"RestartsOptimizer inner must be a torch optimizer, got {type(inner).__name__}")
         check_period("RestartsOptimizer", "update_every", update_every)
         check_period("RestartsOptimizer", "reset_every", reset_every)
-        self.inner, self.layers = inner, [m for m in layers if factors(m) is not None]
+        super().__init__(inner)
+        self.layers = [m for m in layers if factors(m) is not None]
         self.update_every, self.reset_every = update_every, reset_every
         self.reset_second_moment, self.reset_step_counter = reset_second_moment, reset_step_counter
-        self.restart_step = 0  # optimizer steps taken, the clock of both periods
-        super().__init__([dict(g) for g in inner.param_groups], inner.defaults)  # copies: inner's groups untouched
-        self._alias()
 
-    def _alias(self) -> None:
-        self.param_groups, self.state = self.inner.param_groups, self.inner.state
-
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = self.inner.step(closure)
-        self.restart_step += 1
-        t, flags = self.restart_step, dict(second_moment=self.reset_second_moment,
-                                           step_counter=self.reset_step_counter)
+    def after_step(self) -> None:
+        t, flags = self.steps, dict(second_moment=self.reset_second_moment, step_counter=self.reset_step_counter)
         refactored = []
         if self.update_every is not None and t % self.update_every == 0:
             refactored = [p for layer in self.layers for p in (_refactor_layer(layer) or ())]
@@ -157,20 +147,6 @@ class RestartsOptimizer(torch.optim.Optimizer):
             reset_moments_(self.inner, **flags)
         elif refactored:
             reset_moments_(self.inner, refactored, **flags)
-        return loss
-
-    def state_dict(self) -> dict[str, Any]:
-        """The inner optimizer's state dict plus ``"restarts": {"step": int}`` (loads with weights_only=True)."""
-        return {**self.inner.state_dict(), "restarts": {"step": self.restart_step}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if "restarts" not in state_dict:
-            raise SubspacesError("not a RestartsOptimizer state dict (no 'restarts' entry): save it with "
-                                 "RestartsOptimizer.state_dict()")
-        inner = {k: v for k, v in state_dict.items() if k != "restarts"}
-        self.inner.load_state_dict(inner)
-        self.restart_step = int(state_dict["restarts"]["step"])
-        self._alias()  # load_state_dict gives the inner optimizer new state / group containers
 
 
 def check_period(method: str, name: str, value: object) -> None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -28,6 +27,7 @@ from torch import Tensor, nn
 from .._errors import SubspacesError
 from .._registry import TRAIN
 from ._projector import check_positive_int
+from ._scheduled import Scheduled
 
 SAMPLING = ("mixture", "sigma")
 
@@ -188,27 +188,18 @@ def sst_(model: nn.Module, config: SST | None = None, *, generator: torch.Genera
     return out
 
 
-class SSTOptimizer(torch.optim.Optimizer):
-    """AdamW over the trainable parameters plus SST's schedule in ``step()``. ``param_groups`` and ``state`` are the
-    inner AdamW's (``inner``), so LR schedulers and the Hugging Face ``Trainer`` drive it like any optimizer."""
+class SSTOptimizer(Scheduled):
+    """AdamW over the trainable parameters plus SST's schedule after each step; the generator state is saved with
+    the step count so a resumed run draws the same columns."""
 
     def __init__(self, params, layers: list[SSTLinear], config: SST, generator: torch.Generator, *, lr: float,
                  weight_decay: float = 0.0) -> None:
-        self.inner = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-        super().__init__(self.inner.param_groups, self.inner.defaults)
-        self.param_groups, self.state = self.inner.param_groups, self.inner.state  # one set, shared
-        self.layers, self.config, self.generator, self.steps = layers, config, generator, 0
+        super().__init__(torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay))
+        self.layers, self.config, self.generator = layers, config, generator
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        self.inner.step()
+    def after_step(self) -> None:
         for layer in self.layers:
             layer.renormalize_()
-        self.steps += 1
         T3 = self.config.steps_per_iteration
         if self.steps % T3 == 0:
             iteration = self.steps // T3
@@ -220,23 +211,13 @@ class SSTOptimizer(torch.optim.Optimizer):
                 layer.resample_(self.generator)
                 for p in (layer.U_active, layer.V_active):  # fresh moments for the new columns
                     self.inner.state.pop(p, None)
-        return loss
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        self.inner.zero_grad(set_to_none)
+    def schedule_state(self) -> dict[str, Tensor]:
+        return {**super().schedule_state(), "generator": self.generator.get_state()}
 
-    def state_dict(self) -> dict[str, Any]:
-        return {"inner": self.inner.state_dict(), "step": torch.tensor(self.steps, dtype=torch.int64),
-                "generator": self.generator.get_state()}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        missing = {"inner", "step", "generator"} - set(state_dict)
-        if missing:
-            raise SubspacesError(f"not an SST optimizer state: missing {sorted(missing)}")
-        self.inner.load_state_dict(state_dict["inner"])
-        self.param_groups, self.state = self.inner.param_groups, self.inner.state
-        self.steps = int(state_dict["step"])
-        self.generator.set_state(state_dict["generator"].cpu().to(torch.uint8))
+    def load_schedule_state(self, state: dict[str, Tensor]) -> None:
+        super().load_schedule_state(state)
+        self.generator.set_state(state["generator"].cpu().to(torch.uint8))
 
 
 @TRAIN.register("sst", paper="https://arxiv.org/abs/2405.15481", status="partial",
