@@ -136,7 +136,7 @@ class Projected(torch.optim.Optimizer):
         for i in active:
             p, g, proj = self._projected[i]
             proxy, state = self._proxies[i], self._states[i]
-            p.add_(proj.up(state, proxy, p.shape).to(p.dtype))
+            proj.add_up_(state, proxy, p)
             wd = self.param_groups[g].get("weight_decay", 0.0) or 0.0
             if wd:
                 p.mul_(1 - self.param_groups[g]["lr"] * wd)

@@ -110,6 +110,14 @@ class Projector:
         full = low @ Q.T if side_of(shape) == "right" else Q @ low
         return full * self.scale if self.scale != 1 else full
 
+    def add_up_(self, state: State, low: Tensor, param: Tensor) -> None:
+        """``param += up(low)`` fused into one ``addmm_`` (no (m, n) temporary); ``Projected`` steps with this."""
+        Q = self.basis(state, param)
+        if side_of(param.shape) == "right":
+            param.addmm_(low.to(param.dtype), Q.T.to(param.dtype), alpha=self.scale)
+        else:
+            param.addmm_(Q.to(param.dtype), low.to(param.dtype), alpha=self.scale)
+
     # ------------------------------------------------------------------ memory (ss.optim.expected_state_bytes)
     def state_bytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
         """Bytes of this projector's own non-scalar state for one parameter (bases, indices; not the moments)."""

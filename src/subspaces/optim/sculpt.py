@@ -99,6 +99,9 @@ class Sculpt(Projector):
         full = self.project(state, low).to(low.dtype) if self.project_update else low
         return full * self.scale if self.scale != 1 else full
 
+    def add_up_(self, state: State, low: Tensor, param: Tensor) -> None:
+        param.add_(self.up(state, low, param.shape).to(param.dtype))  # a full-shape proxy: no basis product
+
     def state_bytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
         return self.protected(shape) * sum(shape) * dtype.itemsize
 
