@@ -193,12 +193,13 @@ def test_bf16_forward_backward_on_cpu():
     sl = layer(bias=True, dtype=torch.bfloat16)
     randomize_b(sl)
     assert sl.A.dtype == sl.values.dtype == torch.bfloat16 and sl.index.dtype == torch.int32
-    x = torch.randn(3, 40)
+    x = torch.randn(3, 40, generator=torch.Generator().manual_seed(0))
     out = sl(x.bfloat16())
     out.float().pow(2).sum().backward()
     assert out.dtype == torch.bfloat16
     assert all(p.grad.dtype == torch.bfloat16 and torch.isfinite(p.grad).all() for p in sl.parameters())
-    torch.testing.assert_close(out.float(), ref(x), atol=0.1, rtol=0.05)
+    expected = ref(x)  # bf16 keeps ~3 significant digits of every weight and input: compare relative norms
+    assert ((out.float() - expected).norm() / expected.norm()).item() < 0.03
     ref.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16):  # fp32 master weights under autocast
         out = ref(x)
