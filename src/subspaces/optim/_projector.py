@@ -91,28 +91,29 @@ class Projector:
         """Recompute the basis from the current gradient (in place in ``state``)."""
         raise NotImplementedError
 
-    def basis(self, state: State, like: Tensor) -> Tensor:
-        """The current basis ``Q`` (s, r) with orthonormal columns (or the random matrix), in ``like``'s dtype."""
+    def basis(self, state: State, shape: torch.Size, like: Tensor) -> Tensor:
+        """The current basis ``Q`` (s, r) of a parameter of ``shape`` (orthonormal columns, or the random matrix), in
+        ``like``'s dtype and device."""
         raise NotImplementedError
 
     def rotation(self, old: State, new: State, like: Tensor) -> Tensor:
         """``R = Q_oldᵀ Q_new`` (r, r): the old basis vectors' coordinates in the new basis (``on_switch="rotate"``)."""
-        return self.basis(old, like).T.float() @ self.basis(new, like).float()
+        return self.basis(old, like.shape, like).T.float() @ self.basis(new, like.shape, like).float()
 
     # ------------------------------------------------------------------ the projection
     def down(self, state: State, grad: Tensor) -> Tensor:
-        Q = self.basis(state, grad)
+        Q = self.basis(state, grad.shape, grad)
         return grad @ Q if side_of(grad.shape) == "right" else Q.T @ grad
 
     def up(self, state: State, low: Tensor, shape: torch.Size) -> Tensor:
         """The update in the parameter's shape, α included."""
-        Q = self.basis(state, low)
+        Q = self.basis(state, shape, low)
         full = low @ Q.T if side_of(shape) == "right" else Q @ low
         return full * self.scale if self.scale != 1 else full
 
     def add_up_(self, state: State, low: Tensor, param: Tensor) -> None:
         """``param += up(low)`` fused into one ``addmm_`` (no (m, n) temporary); ``Projected`` steps with this."""
-        Q = self.basis(state, param)
+        Q = self.basis(state, param.shape, param)
         if side_of(param.shape) == "right":
             param.addmm_(low.to(param.dtype), Q.T.to(param.dtype), alpha=self.scale)
         else:

@@ -120,14 +120,9 @@ class DCT(Projector):
         """``Q[:, index]`` (size, r) in ``like``'s dtype and device."""
         return dct_matrix(size, like.dtype, like.device).index_select(1, state["index"].to(like.device))
 
-    def basis(self, state: State, like: Tensor) -> Tensor:
-        """``Q[:, index]`` (s, r); ``like`` has the parameter's shape (m, n) (a proxy does not tell s)."""
-        return self.columns(state, _size(like.shape), like)
-
-    def up(self, state: State, low: Tensor, shape: torch.Size) -> Tensor:
-        Q = self.columns(state, _size(shape), low)
-        full = low @ Q.T if side_of(shape) == "right" else Q @ low
-        return full * self.scale if self.scale != 1 else full
+    def basis(self, state: State, shape: torch.Size, like: Tensor) -> Tensor:
+        """``Q[:, index]`` (s, r) for a parameter of ``shape``."""
+        return self.columns(state, _size(shape), like)
 
     def state_bytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
         return self.rank * 4  # the int32 indices

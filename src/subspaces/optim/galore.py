@@ -75,7 +75,7 @@ class GaLore(Projector):
                                      n_iter=self.n_iter, generator=gen)
         return Vh.T if side_of(grad.shape) == "right" else U
 
-    def basis(self, state: State, like: Tensor) -> Tensor:
+    def basis(self, state: State, shape: torch.Size, like: Tensor) -> Tensor:
         return state["basis"]
 
     def state_bytes(self, shape: torch.Size, dtype: torch.dtype) -> int:

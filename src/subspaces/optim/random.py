@@ -64,14 +64,9 @@ class RandomProjector(Projector):
         P = torch.randn(size, self.rank, generator=gen, device=like.device, dtype=torch.float32)
         return P.mul_(1.0 / math.sqrt(self.rank)).to(like.dtype)
 
-    def basis(self, state: State, like: Tensor) -> Tensor:
-        """``P`` (s, r); ``like`` has the parameter's shape (m, n) (a proxy does not tell s)."""
-        return self.matrix(state, _size(like.shape), like)
-
-    def up(self, state: State, low: Tensor, shape: torch.Size) -> Tensor:
-        P = self.matrix(state, _size(shape), low)
-        full = low @ P.T if side_of(shape) == "right" else P @ low
-        return full * self.scale if self.scale != 1 else full
+    def basis(self, state: State, shape: torch.Size, like: Tensor) -> Tensor:
+        """``P`` (s, r) for a parameter of ``shape``."""
+        return self.matrix(state, _size(shape), like)
 
     def state_bytes(self, shape: torch.Size, dtype: torch.dtype) -> int:
         return 0  # P is regenerated, never stored
