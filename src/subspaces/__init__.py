@@ -20,15 +20,17 @@ from .adapters._core import (
     unadapt_,
 )
 from .adapters._saving import load_adapter, save_adapter
+from .compress._core import compress_
 from .integrations.peft import export_lora
 
-_LAZY = ("adapters", "optim", "nn", "linalg", "measure", "models", "data", "integrations")
+_LAZY = ("adapters", "optim", "compress", "nn", "linalg", "measure", "models", "data", "integrations")
 
 __all__ = [
     "SubspacesError",
     "adapt_",
     "adapter_parameters",
     "adapters_disabled",
+    "compress_",
     "export_lora",
     "fold_",
     "inspect_targets",
