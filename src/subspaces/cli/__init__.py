@@ -13,7 +13,7 @@ app = typer.Typer(
 )
 
 from . import compare, methods, tune  # noqa: E402,F401  (each registers its subcommand)
-from . import pretrain  # noqa: E402,F401
+from . import compress, pretrain  # noqa: E402,F401
 
 
 def main() -> None:

@@ -237,10 +237,12 @@ def run_sequential(
     process: Callable[[str, nn.Module, LayerStats], None],
     *,
     progress: Callable[[Iterable], Iterable] = lambda it: it,
+    sampler: Any = None,
 ) -> None:
     """Collect ``kinds`` statistics for ``layers`` and call ``process(name, layer, stats)`` for each, block by
     block (see the module docstring). ``process`` may replace the layer in the model; later blocks then see the
-    processed model. ``kinds`` may be empty (``process`` then gets empty stats)."""
+    processed model. ``kinds`` may be empty (``process`` then gets empty stats). ``sampler``
+    (``compress.sampling.RowSampler``): input moments from a sampled subset of token rows (batches replayed twice)."""
     was_training = model.training
     model.eval()
     try:
@@ -253,9 +255,12 @@ def run_sequential(
                 block = blocks[i]
                 mine = {n: m for n, m in layers.items() if n.startswith(f"{prefix}.{i}.")}
                 stats = {n: LayerStats() for n in mine}
-                with _hooks(mine, stats, kinds):
+
+                def replay(block=block, inputs=inputs):
                     for args, kwargs in inputs:
                         block(*args, **kwargs)
+
+                _collect(mine, stats, kinds, sampler, replay)
                 for n in mine:
                     process(n, mine[n], stats.pop(n))
                     done.add(n)
@@ -265,13 +270,24 @@ def run_sequential(
         if rest:
             stats = {n: LayerStats() for n in rest}
             if kinds:
-                with _hooks(rest, stats, kinds):
+                def replay_all():
                     for batch in batches:
                         call(model, batch)
+
+                _collect(rest, stats, kinds, sampler, replay_all)
             for n in rest:
                 process(n, rest[n], stats.pop(n))
     finally:
         model.train(was_training)
+
+
+def _collect(layers: dict[str, nn.Module], stats: dict[str, LayerStats], kinds: set[str], sampler: Any,
+             replay: Callable[[], None]) -> None:
+    """One hooked pass over the batches, or the sampler's two."""
+    if sampler is not None:
+        return sampler.collect(layers, stats, kinds, replay)
+    with _hooks(layers, stats, kinds):
+        replay()
 
 
 def _first(out: Any) -> Tensor:

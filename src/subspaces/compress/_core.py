@@ -7,9 +7,9 @@ The Compressor contract (one file per method, registered in ``COMPRESS``): a fro
 - ``compress(layer, rank, stats) -> nn.Module``: the replacement of one ``nn.Linear`` (usually
   ``ss.nn.LowRankLinear``) at the allocated rank; ``stats`` is the layer's ``LayerStats`` (``None`` without
   calibration). The module exposes ``.weight`` (the dense equivalent, for the report) and is saved by
-  ``save_compressed`` if its class is known there;
-- optionally ``spectrum(layer, stats) -> Tensor``: the singular values the method truncates (for the
-  energy-based allocations; default: the weight's own).
+  ``save_compressed`` if its class is known there.
+Ranks are allocated before any statistics exist (block-by-block calibration sees each block only after the earlier
+ones are compressed), so the energy-based allocations use the singular values of the weights themselves.
 
 Model-level methods (whole attention layers, distillation after factorization) define instead
 ``compress_model(model, *, calibration, ratio, rank, energy, targets, exclude, allocation, progress, **kw) -> dict``.
@@ -106,6 +106,7 @@ def compress_(
     allocation: str = "uniform",
     loss_fn: Any = None,
     progress: bool = False,
+    sampler: Any = None,
     **hyperparameters: Any,
 ) -> dict[str, Any]:
     """Compress ``model`` in place with ``method`` (a ``COMPRESS`` key or config) and return the report.
@@ -120,6 +121,7 @@ def compress_(
             with calibration the report also gives each layer's output error. Give unpadded batches.
         loss_fn: ``loss_fn(model, batch) -> loss`` for Fisher statistics (default: the model's own loss).
         progress: show a progress bar over blocks.
+        sampler: ``compress.sampling.RowSampler(m=...)``: input statistics from ~m leverage-sampled tokens per layer.
         hyperparameters: the method's config fields (``svd="randomized"``, ``damping=...``).
 
     Returns:
@@ -131,6 +133,8 @@ def compress_(
     name = getattr(type(config), "registry_name", type(config).__name__)
     batches = _calibrate.check_batches(calibration)
     if hasattr(config, "compress_model"):
+        if sampler is not None:
+            raise SubspacesError(f"compress method {name!r} collects its own statistics: sampler= does not apply")
         return config.compress_model(model, calibration=batches, ratio=ratio, rank=rank, energy=energy,
                                      targets=targets, exclude=exclude, allocation=allocation, progress=progress)
     needs = set(getattr(config, "needs", frozenset()))
@@ -162,7 +166,7 @@ def compress_(
 
     bar = _bar(progress, f"compress {name}")
     with torch.no_grad():
-        _calibrate.run_sequential(model, layers, batches or [], kinds, process, progress=bar)
+        _calibrate.run_sequential(model, layers, batches or [], kinds, process, progress=bar, sampler=sampler)
     rows.sort(key=lambda row: list(layers).index(row["name"]))
     before = sum(r["params_before"] for r in rows)
     after = sum(r["params_after"] for r in rows)
