@@ -75,34 +75,59 @@ def run_ppl(args) -> None:
     write(args, {"meta": meta, "rows": rows}, ppl_table(rows, base_ppl, args.eora_rank))
 
 
+def _timing_model(args):
+    """SmolLM2 (real weights, CPU) or, with --config, the same architecture with random weights (times do not depend
+    on the values; the GPU machine has no copy of the weights)."""
+    if args.config is None:
+        model, tok = ss.models.load_smollm2(dtype=torch.float32)
+        calib_ids, _ = H.corpus_split(tok)
+        return model, H.calibration_batches(calib_ids, args.calib, args.seq, seed=0, batch_size=4)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.from_pretrained(args.config)
+    model = AutoModelForCausalLM.from_config(config).float().eval()
+    ids = torch.randint(0, config.vocab_size, (args.calib, args.seq))
+    return model, list(ids.split(4))
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def run_timing(args) -> None:
-    base, _ = ss.models.load_smollm2(dtype=torch.float32)
+    device = torch.device(args.device)
+    base, batches = _timing_model(args)
+    base = base.to(device)
+    batches = [b.to(device) for b in batches]
     model_mb = sum(p.numel() * p.element_size() for p in base.parameters()) / 2**20
     rows = []
     for svd in ("exact", "randomized", "exact", "randomized"):  # twice, alternating: the machine is noisy
         model = copy.deepcopy(base)
+        _sync(device)
         start = time.perf_counter()
-        ss.compress_(model, "svd", ratio=0.2, svd=svd)
+        n_layers = len(ss.compress_(model, "svd", ratio=0.2, svd=svd)["layers"])
+        _sync(device)
         rows.append({"svd": svd, "seconds": time.perf_counter() - start})
         print(json.dumps(rows[-1]), flush=True)
         del model
-    _, tok = ss.models.load_smollm2(dtype=torch.float32)
-    calib_ids, _ = H.corpus_split(tok)
-    batches = H.calibration_batches(calib_ids, args.calib, args.seq, seed=0, batch_size=4)
     model = copy.deepcopy(base)
-    with PeakMemory("cpu") as pm:
+    with PeakMemory(device) as pm:
         ss.compress_(model, "svd_llm", ratio=0.2, calibration=batches)
     hidden_mb = args.calib * args.seq * base.config.hidden_size * 4 / 2**20
     mem = {"model_mb": model_mb, "peak_increase_mb": pm.peak_bytes / 2**20, "captured_hidden_states_mb": hidden_mb}
     print(json.dumps(mem), flush=True)
     ex = [r["seconds"] for r in rows if r["svd"] == "exact"]
     rz = [r["seconds"] for r in rows if r["svd"] == "randomized"]
-    md = (f"| SVD | seconds (2 runs) |\n|---|---|\n| exact | {ex[0]:.1f}, {ex[1]:.1f} |\n"
-          f"| randomized | {rz[0]:.1f}, {rz[1]:.1f} |\n\nexact / randomized: "
-          f"{min(ex) / min(rz):.2f}× (best of 2). svd_llm with {args.calib}×{args.seq} calibration tokens: peak RSS "
-          f"increase {mem['peak_increase_mb']:.0f} MB over the loaded model ({model_mb:.0f} MB fp32); the captured "
-          f"block inputs are {hidden_mb:.0f} MB.\n")
-    write(args, {"timing": rows, "memory": mem, "threads": torch.get_num_threads()}, md)
+    what = "SmolLM2-135M" + (" (random weights)" if args.config else "")
+    md = (f"{what} on {device}, every Linear ({n_layers}) by plain SVD at ratio 0.2:\n\n"
+          f"| SVD | seconds (2 runs) |\n|---|---|\n| exact | {ex[0]:.2f}, {ex[1]:.2f} |\n"
+          f"| randomized | {rz[0]:.2f}, {rz[1]:.2f} |\n\nexact / randomized: "
+          f"{min(ex) / min(rz):.2f}× (best of 2). svd_llm with {args.calib}×{args.seq} calibration tokens: peak "
+          f"memory increase {mem['peak_increase_mb']:.0f} MB over the loaded model ({model_mb:.0f} MB fp32); the "
+          f"captured block inputs are {hidden_mb:.0f} MB.\n")
+    write(args, {"device": str(device), "timing": rows, "memory": mem, "threads": torch.get_num_threads()}, md)
 
 
 def write(args, obj: dict, md: str) -> None:
@@ -123,6 +148,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256, help="tokens per window")
     p.add_argument("--eval", type=int, default=16, help="held-out windows")
     p.add_argument("--timing", action="store_true", help="exact vs randomized SVD time and peak memory instead")
+    p.add_argument("--config", type=Path, default=None, help="--timing on this config.json with random weights")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="for --timing")
     p.add_argument("--progress", action="store_true")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/compress_smollm2.json"))
     p.add_argument("--md", type=Path, default=Path("benchmarks/results/compress_smollm2.md"))

@@ -45,7 +45,7 @@ def test_sequential_stats_match_hooked_full_model():
     def process(name, layer, stats):
         seen[name] = stats.input_moment()
 
-    _calibrate.run_sequential(m, layers, data, {"inputs"}, process)
+    _calibrate.run_sequential(m, dict(layers), data, {"inputs"}, process)
     ref = {n: _calibrate.LayerStats() for n in layers}
     hooks = [l.register_forward_hook(lambda mod, a, o, n=n: ref[n].add_inputs(a[0])) for n, l in layers.items()]
     with torch.no_grad():
@@ -71,7 +71,7 @@ def test_sequential_feeds_processed_blocks_forward():
             with torch.no_grad():
                 layer.weight.zero_()
 
-    _calibrate.run_sequential(m, layers, data, {"inputs"}, process)
+    _calibrate.run_sequential(m, dict(layers), data, {"inputs"}, process)
     fresh = model()
     ref = {}
     fresh.model.layers[1].self_attn.q_proj.register_forward_hook(lambda mod, a, o: ref.setdefault("x", a[0]))

@@ -10,7 +10,9 @@ from conftest import ids, llama_causal
 from test_conformance import config_for
 
 import subspaces as ss
-from subspaces._registry import ADAPTERS
+import subspaces.compress  # noqa: F401  (registers the compress methods)
+import subspaces.optim  # noqa: F401
+from subspaces._registry import ADAPTERS, COMPRESS, TRAIN
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2}
@@ -44,3 +46,42 @@ def test_adapter_on_device_and_dtype(method, dtype, device, tmp_path):
     torch.testing.assert_close(again, adapted, rtol=0, atol=1e-6)
     scale = adapted.abs().max().item()
     assert (folded - adapted).abs().max().item() <= TOL[dtype] * max(1.0, scale)
+
+
+@pytest.mark.parametrize("method", [e.name for e in TRAIN.entries()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_method_on_device_and_dtype(method, dtype, device):
+    from test_optim_conformance import LR, OVERRIDES, model as tiny
+
+    model = tiny().to(device=device, dtype=dtype)
+    opt = ss.optim.setup_(model, method, lr=LR.get(method, 1e-2), **OVERRIDES.get(method, {}))
+    x = ids().to(device) % 256
+    losses = []
+    for _ in range(6):
+        opt.zero_grad()
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(torch.isfinite(torch.tensor(losses))) and losses[-1] < losses[0], losses
+    assert {p.device.type for p in model.parameters()} == {device}
+    assert {p.dtype for p in model.parameters()} == {dtype}
+
+
+@pytest.mark.parametrize("method", [e.name for e in COMPRESS.entries()])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_compress_method_on_device_and_dtype(method, dtype, device):
+    from test_compress_conformance import MODEL_LEVEL, batches, model as tiny
+
+    model = tiny(dtype).to(device)
+    data = [b.to(device) for b in batches()]
+    settings = MODEL_LEVEL.get(method, {"method": {}, "budget": {"ratio": 0.3}})
+    config = ss.compress.config_for(method, settings["method"])
+    ss.compress_(model, config, calibration=data, **settings["budget"])
+    with torch.no_grad():
+        out = model(data[0]).logits
+    assert torch.isfinite(out.float()).all() and out.device.type == device
+    assert {p.device.type for p in model.parameters()} == {device}
+    assert {p.dtype for p in model.parameters() if p.is_floating_point()} <= {dtype, torch.float32}

@@ -132,7 +132,7 @@ def batches(n: int = 3, seed: int = 1):
 
 def collect(model, layers, cal, sampler=None):
     out = {}
-    _calibrate.run_sequential(model, layers, cal, {"inputs"}, lambda n, m, s: out.__setitem__(n, s), sampler=sampler)
+    _calibrate.run_sequential(model, dict(layers), cal, {"inputs"}, lambda n, m, s: out.__setitem__(n, s), sampler=sampler)
     return out
 
 

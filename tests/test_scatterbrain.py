@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 
 import pytest
@@ -243,6 +244,14 @@ def test_drop_in_with_one_bucket_matches_the_model(build):
         torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-5)
 
 
+def test_deepcopy_keeps_the_random_stream():
+    model = scatterbrain_(llama_causal(), nb_features=8, n_hashes=2, bucket_size=4, seed=3)
+    twin, x = copy.deepcopy(model), ids(length=20)
+    with torch.no_grad():
+        torch.testing.assert_close(twin(input_ids=x).logits, model(input_ids=x).logits, rtol=0, atol=0)
+        assert not torch.equal(model(input_ids=x).logits, model(input_ids=x).logits)  # redrawn at every forward
+
+
 def test_llama_kv_cache_decoding():
     base = llama_causal()
     model = scatterbrain_(copy.deepcopy(base), nb_features=8, n_hashes=2, bucket_size=64)
@@ -250,7 +259,8 @@ def test_llama_kv_cache_decoding():
     with torch.no_grad():
         full = base(input_ids=x).logits
         pre = model(input_ids=x[:, :7], use_cache=True)
-        step = model(input_ids=x[:, 7:], cache=pre.past_key_values).logits
+        name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        step = model(input_ids=x[:, 7:], **{name: pre.past_key_values}).logits
     torch.testing.assert_close(step, full[:, 7:], rtol=1e-4, atol=1e-5)
 
 

@@ -241,13 +241,13 @@ def run_sequential(
 ) -> None:
     """Collect ``kinds`` statistics for ``layers`` and call ``process(name, layer, stats)`` for each, block by
     block (see the module docstring). ``process`` may replace the layer in the model; later blocks then see the
-    processed model. ``kinds`` may be empty (``process`` then gets empty stats). ``sampler``
+    processed model; ``layers`` is emptied as they are processed (a replaced layer is not kept alive). ``kinds`` may
+    be empty (``process`` then gets empty stats). ``sampler``
     (``compress.sampling.RowSampler``): input moments from a sampled subset of token rows (batches replayed twice)."""
     was_training = model.training
     model.eval()
     try:
         found = find_blocks(model, layers) if kinds else None
-        done: set[str] = set()
         if found is not None:
             prefix, blocks = found
             inputs = _capture_block_inputs(model, blocks[0], batches)
@@ -261,12 +261,13 @@ def run_sequential(
                         block(*args, **kwargs)
 
                 _collect(mine, stats, kinds, sampler, replay)
-                for n in mine:
-                    process(n, mine[n], stats.pop(n))
-                    done.add(n)
+                for n in list(mine):
+                    process(n, mine.pop(n), stats.pop(n))
+                    del layers[n]
                 if i + 1 < len(blocks):
-                    inputs = [_with_hidden(a, k, _first(block(*a, **k))) for a, k in inputs]
-        rest = {n: m for n, m in layers.items() if n not in done}
+                    for j, (a, k) in enumerate(inputs):  # in place: one batch's old hidden states freed at a time
+                        inputs[j] = _with_hidden(a, k, _first(block(*a, **k)))
+        rest = dict(layers)
         if rest:
             stats = {n: LayerStats() for n in rest}
             if kinds:
@@ -275,8 +276,9 @@ def run_sequential(
                         call(model, batch)
 
                 _collect(rest, stats, kinds, sampler, replay_all)
-            for n in rest:
-                process(n, rest[n], stats.pop(n))
+            for n in list(rest):
+                process(n, rest.pop(n), stats.pop(n))
+                del layers[n]
     finally:
         model.train(was_training)
 

@@ -166,8 +166,10 @@ def compress_(
 
     bar = _bar(progress, f"compress {name}")
     with torch.no_grad():
+        # run_sequential pops each layer once processed, so a replaced Linear is freed right away.
         _calibrate.run_sequential(model, layers, batches or [], kinds, process, progress=bar, sampler=sampler)
-    rows.sort(key=lambda row: list(layers).index(row["name"]))
+    order = {n: i for i, n in enumerate(shapes)}
+    rows.sort(key=lambda row: order[row["name"]])
     before = sum(r["params_before"] for r in rows)
     after = sum(r["params_after"] for r in rows)
     return {"method": name, "allocation": allocation, "target_ratio": ratio, "params_before": before,

@@ -37,9 +37,12 @@ class _Settings:
     mode: str = "approx"  # "approx" | "exact" (reference attention) | "probe" (approx, and accumulate the error)
     err: list = dataclasses.field(default_factory=lambda: [0.0, 0.0])  # Σ‖o − o*‖², Σ‖o*‖²
 
-    def __deepcopy__(self, memo: dict) -> _Settings:  # a copied model gets its own generator, same state
-        gen = torch.Generator(self.generator.device)
-        gen.set_state(self.generator.get_state())
+    def __deepcopy__(self, memo: dict) -> _Settings:
+        """A copied model gets its own generator in the same state, shared by its layers like the original's."""
+        gen = memo.get(id(self.generator))
+        if gen is None:
+            gen = memo[id(self.generator)] = torch.Generator(self.generator.device)
+            gen.set_state(self.generator.get_state())
         return dataclasses.replace(self, generator=gen, err=list(self.err))
 
 

@@ -175,8 +175,9 @@ def eora_(model: nn.Module, reference: nn.Module | Mapping[str, Tensor], calibra
                      "output_error": oerr})
 
     with torch.no_grad():
+        order = {n: i for i, n in enumerate(layers)}
         _calibrate.run_sequential(model, layers, batches, {"inputs"}, process, progress=_bar(progress, "eora"))
-    rows.sort(key=lambda row: list(layers).index(row["name"]))
+    rows.sort(key=lambda row: order[row["name"]])
     return {"method": "eora", "rank": rank, "params_added": sum(r["params_added"] for r in rows), "layers": rows}
 
 

@@ -218,5 +218,5 @@ def sampling_error(model: nn.Module, layers: Any, batches: Sequence[Any], m: int
                          "spectral_error": float((ev - 1).abs().max()),
                          "frobenius_error": float((Ct - C).norm() / C.norm().clamp_min(1e-300))})
 
-        _calibrate.run_sequential(model, layers, batches, {"inputs"}, measure, sampler=sampler)
+        _calibrate.run_sequential(model, dict(layers), batches, {"inputs"}, measure, sampler=sampler)
     return rows

@@ -1,6 +1,6 @@
 """Scatterbrain: Chen, Dao, Winsor, Song, Rudra, Ré, "Scatterbrain: Unifying Sparse and Low-rank Attention
 Approximation", NeurIPS 2021, https://arxiv.org/abs/2110.15343 (code: https://github.com/HazyResearch/fly,
-``src/models/attention/sbsmyrf_attention.py``, ``src/models/modules/feature_maps_sb.py``).
+``src/models/attention/sbsmyrf_attention.py``, ``feature_maps_sb.py``, ``hash_utils.py``).
 
 Rule: exp(τQKᵀ) ≈ S + L with L = φ(Q)φ(K)ᵀ (Performer, ``_performer``) and S = exp(τqᵢ·kⱼ) − φ(qᵢ)ᵀφ(kⱼ) on the
 pairs that share an LSH bucket (``_lsh``), so those entries are exact; O = (SV + LV)/(S1 + L1), in O(n) memory.
@@ -38,11 +38,28 @@ def _draw_directions(dim: int, n_hashes: int, generator: torch.Generator | None)
 
 @dataclasses.dataclass
 class _Prep:
-    q: Tensor; k: Tensor; v: Tensor  # noqa: E702  padded, work dtype
-    phq: Tensor; phk: Tensor; prime: Tensor  # noqa: E702  scaled features, log-scale of φ(q)ᵀφ(k) per query
-    q_valid: Tensor; k_valid: Tensor; q_pos: Tensor; k_pos: Tensor  # noqa: E702  (B, H, n) each
-    q_order: Tensor | None; k_order: Tensor | None  # noqa: E702  (R, B, H, n) hash sort per round
-    nb: int; cq: int; ck: int; nq: int; nk: int; tau: float; causal: bool  # noqa: E702
+    """Everything both paths share: padded q, k, v (work dtype), scaled features and their per-query log scale
+    ``prime`` (of φ(q)ᵀφ(k)), validity and positions (B, H, n), the hash orders (R, B, H, n) and bucket sizes."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    phq: Tensor
+    phk: Tensor
+    prime: Tensor
+    q_valid: Tensor
+    k_valid: Tensor
+    q_pos: Tensor
+    k_pos: Tensor
+    q_order: Tensor | None
+    k_order: Tensor | None
+    nb: int
+    cq: int
+    ck: int
+    nq: int
+    nk: int
+    tau: float
+    causal: bool
 
 
 def _check(q: Tensor, k: Tensor, v: Tensor, nb_features: int, n_hashes: int, bucket_size: int, causal: bool,
@@ -231,4 +248,9 @@ class Scatterbrain:
             return report
         report.update(attention_error(model, calibration))
         return report
-from ._scatterbrain_hf import attention_error, attention_layers, scatterbrain_  # noqa: E402  (uses the above)
+
+
+# The Hugging Face drop-in (scatterbrain_, attention_error) lives in _scatterbrain_hf; re-exported here.
+from ._scatterbrain_hf import attention_error, attention_layers, scatterbrain_  # noqa: E402
+
+__all__ = ["Scatterbrain", "attention_error", "attention_layers", "scatterbrain_", "scatterbrain_attention"]
