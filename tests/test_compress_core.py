@@ -198,3 +198,19 @@ def test_bf16_model_compresses_in_its_dtype():
     assert layer.down.weight.dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.isfinite(m(data[0]).logits.float()).all()
+
+
+def test_saving_refuses_adapters_and_keeps_kv_projections(tmp_path):
+    m, data = model(), batches()
+    ref = ss.models.tiny_llama(hidden_size=32, intermediate_size=64, num_attention_heads=4, seed=0)
+    ss.compress.quantize_rtn_(m, bits=4, group_size=16)
+    ss.compress.eora_(m, ref, data, rank=2)
+    with pytest.raises(SubspacesError, match="adapters"):
+        save_compressed(m, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    kv = model()
+    ss.compress_(kv, ss.compress.MatryoshkaKV(train_steps=0, search="uniform"), ratio=0.5, calibration=data)
+    save_compressed(kv, tmp_path / "kv")
+    again = load_compressed(tmp_path / "kv")
+    with torch.no_grad():
+        torch.testing.assert_close(again(data[0]).logits, kv(data[0]).logits, rtol=0, atol=0)

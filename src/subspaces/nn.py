@@ -32,13 +32,21 @@ class LowRankLinear(nn.Module):
             raise SubspacesError(f"rank={rank} for a {tuple(W.shape)} weight: use 1..{min(W.shape)}")
         U, S, Vh = truncated_svd(W.detach().float(), rank, method=svd)
         root = S.sqrt()
-        layer = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
-                    device=W.device, dtype=W.dtype)
+        return cls.from_factors(U * root, root[:, None] * Vh, linear.bias, like=W)
+
+    @classmethod
+    def from_factors(cls, up: Tensor, down: Tensor, bias: Tensor | None = None, *,
+                     like: Tensor | None = None) -> LowRankLinear:
+        """The layer ``up @ down`` (+ ``bias``) from factors up (out, r) and down (r, in) of any float dtype, stored in
+        ``like``'s dtype and device (default: ``up``'s)."""
+        like = up if like is None else like
+        layer = cls(down.shape[1], up.shape[0], up.shape[1], bias=bias is not None, device=like.device,
+                    dtype=like.dtype)
         with torch.no_grad():
-            layer.down.weight.copy_(root[:, None] * Vh)
-            layer.up.weight.copy_(U * root)
-            if linear.bias is not None:
-                layer.up.bias.copy_(linear.bias)
+            layer.up.weight.copy_(up)
+            layer.down.weight.copy_(down)
+            if bias is not None:
+                layer.up.bias.copy_(bias)
         return layer
 
     @property

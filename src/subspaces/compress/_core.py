@@ -52,6 +52,8 @@ def target_linears(model: nn.Module, targets: Selector, exclude: Selector | None
     inner = {f"{n}.{c}" for n, m in model.named_modules() if isinstance(m, LowRankLinear) for c in ("down", "up")}
     chosen = select(model, targets, exclude)
     found = {n: m for n, m in chosen if isinstance(m, nn.Linear) and n not in inner}
+    if not found and inner & {n for n, _ in chosen}:
+        raise SubspacesError(f"targets={targets!r}: every selected Linear is already compressed (inside a LowRankLinear)")
     if not found:
         kinds = sorted({type(m).__name__ for _, m in chosen})
         raise SubspacesError(f"targets={targets!r} select no nn.Linear to compress (selected: {kinds})")

@@ -54,16 +54,32 @@ def save_compressed(model: nn.Module, folder: str | os.PathLike, *, tokenizer: A
         raise SubspacesError(f"output {folder} already exists; choose a new folder (nothing is overwritten)")
     if not hasattr(model, "save_pretrained"):
         raise SubspacesError("save_compressed needs a Hugging Face PreTrainedModel (with save_pretrained)")
+    _check_saveable(model)
     modules = _replaced(model)
+    patches = ["matryoshka_kv"] if any(n.endswith(".matryoshka_kv") for n, _ in model.named_modules()) else []
 
     def build(tmp: Path) -> None:
-        model.save_pretrained(tmp, safe_serialization=True)
+        from ..models import _quiet
+
+        with _quiet():  # no shard-writing progress bar
+            model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        meta = {"format": FORMAT, "version": 1, "modules": modules, "report": report}
+        meta = {"format": FORMAT, "version": 1, "modules": modules, "patches": patches, "report": report}
         (tmp / "compression.json").write_text(json.dumps(meta, indent=1))
 
     return atomic_folder(folder, build)
+
+
+def _check_saveable(model: nn.Module) -> None:
+    from ..adapters._core import DELTA
+
+    if any(n.endswith("." + DELTA) for n, _ in model.named_modules()):
+        raise SubspacesError("the model carries adapters (e.g. EoRA's compensation of a Linear): fold them first "
+                             "(ss.fold_) or save them apart (ss.save_adapter / ss.export_lora) on the saved base")
+    if getattr(getattr(model, "config", None), "_attn_implementation", None) == "scatterbrain":
+        raise SubspacesError("Scatterbrain swaps attention at run time and has no weights: save the model before "
+                             "scatterbrain_ and install it again after loading")
 
 
 def _state_dict(folder: Path) -> dict[str, torch.Tensor]:
@@ -97,7 +113,7 @@ def load_compressed(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
     if cls is None:
         raise SubspacesError(f"{folder}/config.json names no architecture transformers knows ({arch!r})")
     state = _state_dict(folder)
-    dtype = dtype or next(iter(state.values())).dtype
+    dtype = dtype or next(t.dtype for t in state.values() if t.is_floating_point())
     model = cls(config)  # random init, overwritten below; non-persistent buffers (rotary frequencies) come from it
     for name, spec in meta["modules"].items():
         spec = dict(spec)
@@ -106,6 +122,10 @@ def load_compressed(folder: str | os.PathLike, *, dtype: torch.dtype | None = No
             raise SubspacesError(f"{meta_path}: module {name!r} has unknown class {kind!r}; known: {sorted(MODULES)}")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, child, MODULES[kind][0](**spec))
+    if "matryoshka_kv" in meta.get("patches", []):
+        from ._kv_attention import attach, attention_modules
+
+        attach(attention_modules(model))
     missing, unexpected = model.load_state_dict(state, strict=False)
     model.tie_weights()
     tied = {id(p) for n, p in model.named_parameters() if n in state}

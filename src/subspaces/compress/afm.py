@@ -80,12 +80,7 @@ class AFM:
         U = _eig_desc(cov.to(W.device))[1][:, :rank]                        # (out, k)
         b = layer.bias.detach().to(torch.float64) if layer.bias is not None else torch.zeros_like(mu)
         bias = U @ (U.T @ (b - mu)) + mu                                     # U Uᵀ b + (I − U Uᵀ) μ
-        new = LowRankLinear(layer.in_features, d, rank, bias=True, device=W.device, dtype=layer.weight.dtype)
-        with torch.no_grad():
-            new.down.weight.copy_(U.T @ W)
-            new.up.weight.copy_(U)
-            new.up.bias.copy_(bias)
-        return new
+        return LowRankLinear.from_factors(U, U.T @ W, bias, like=layer.weight)
 
 
 def afm_embedding(weight: Tensor, data: Tensor | LayerStats | None, rank: int) -> tuple[Tensor, Tensor, Tensor]:

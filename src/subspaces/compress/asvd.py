@@ -34,7 +34,6 @@ from ..linalg import truncated_svd
 from ..nn import LowRankLinear
 from ._calibrate import LayerStats
 from .svd import check_svd
-from .svd_llm import low_rank_module
 
 _FLOOR = 1e-6
 
@@ -82,4 +81,4 @@ class ASVD:
             raise SubspacesError(f"rank={rank} for a {tuple(WS.shape)} weight: use 1..{min(WS.shape)}")
         U, S, Vh = truncated_svd(WS, rank, method=self.svd)
         root = S.sqrt()
-        return low_rank_module(layer, U * root, root[:, None] * (Vh / s))
+        return LowRankLinear.from_factors(U * root, root[:, None] * (Vh / s), layer.bias, like=layer.weight)

@@ -158,12 +158,8 @@ def eora_(model: nn.Module, reference: nn.Module | Mapping[str, Tensor], calibra
             after = Wc + delta.B.double() @ delta.A.double() * delta.scaling
             added = _params(delta)
         else:
-            new = LowRankLinear(layer.in_features, layer.out_features, layer.rank + r, bias=bias is not None,
-                                device=layer.down.weight.device, dtype=layer.down.weight.dtype)
-            new.down.weight.copy_(torch.cat([layer.down.weight.double(), A]))
-            new.up.weight.copy_(torch.cat([layer.up.weight.double(), B], dim=1))
-            if bias is not None:
-                new.up.bias.copy_(bias)
+            new = LowRankLinear.from_factors(torch.cat([layer.up.weight.double(), B], dim=1),
+                                             torch.cat([layer.down.weight.double(), A]), bias, like=layer.down.weight)
             set_module(model, name, new)
             after, added = _dense(new), _params(new) - _params(layer)
         ns = types.SimpleNamespace

@@ -114,11 +114,4 @@ class FWSVD:
     def compress(self, layer: nn.Linear, rank: int, stats: LayerStats | None) -> LowRankLinear:
         W = layer.weight
         up, down = fisher_svd(W, self.row_weights(layer, stats), rank, axis=self.row_axis, svd=self.svd)
-        new = LowRankLinear(layer.in_features, layer.out_features, rank, bias=layer.bias is not None,
-                            device=W.device, dtype=W.dtype)
-        with torch.no_grad():
-            new.down.weight.copy_(down)
-            new.up.weight.copy_(up)
-            if layer.bias is not None:
-                new.up.bias.copy_(layer.bias)
-        return new
+        return LowRankLinear.from_factors(up, down, layer.bias, like=W)

@@ -105,18 +105,4 @@ class SVDLLM:
         U, S, Vh = truncated_svd(WL, rank, method=self.svd)
         # Vhᵀ-rows times L⁻¹: solve Lᵀ Z = Vhᵀ  (Z = L⁻ᵀ Vhᵀ, so Zᵀ = Vh L⁻¹).
         A = torch.linalg.solve_triangular(L.T, Vh.T, upper=True).T
-        return low_rank_module(layer, U * S.sqrt(), S.sqrt()[:, None] * A)
-
-
-def low_rank_module(layer: nn.Linear, up: Tensor, down: Tensor) -> LowRankLinear:
-    """``LowRankLinear`` with the given float factors ``up`` (out, r), ``down`` (r, in), in the layer's dtype/device;
-    the bias is copied onto ``up``."""
-    W = layer.weight
-    new = LowRankLinear(layer.in_features, layer.out_features, up.shape[1], bias=layer.bias is not None,
-                        device=W.device, dtype=W.dtype)
-    with torch.no_grad():
-        new.up.weight.copy_(up)
-        new.down.weight.copy_(down)
-        if layer.bias is not None:
-            new.up.bias.copy_(layer.bias)
-    return new
+        return LowRankLinear.from_factors(U * S.sqrt(), S.sqrt()[:, None] * A, layer.bias, like=layer.weight)

@@ -52,7 +52,10 @@ def corpus_split(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
     text = pydoc_corpus()
     cut = int(len(text) * (1 - EVAL_FRACTION))
-    ids = [torch.tensor(tokenizer(part)["input_ids"], dtype=torch.long) for part in (text[:cut], text[cut:])]
+    from ..models import _quiet
+
+    with _quiet():  # no "longer than the maximum length" warning: the text is cut into windows afterwards
+        ids = [torch.tensor(tokenizer(part)["input_ids"], dtype=torch.long) for part in (text[:cut], text[cut:])]
     return ids[0], ids[1]
 
 
@@ -113,7 +116,6 @@ def compress_lm(
     """Compress ``model`` with ``method``; perplexity before (``baseline``) and after; writes ``out`` if given:
     the compressed model folder (``out/model``, reloads with ``ss.compress.load_compressed``), ``report.json`` and
     ``report.md``. Returns the result (summary and per-layer report)."""
-    from .. import compress  # noqa: F401  (registers the methods)
     from .._registry import COMPRESS
     from ..compress import compress_, config_for
 
