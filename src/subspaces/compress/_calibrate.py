@@ -1,6 +1,6 @@
 """Calibration statistics, collected layer by layer with hooks, streaming over batches, in float64.
 
-Per targeted Linear (``LayerStats``): the input sum and second moment ``Σ x`` / ``Σ x xᵀ`` ("inputs"), the output
+Per targeted Linear (``LayerStats``): the input sums ``Σ x``, ``Σ |x|`` and second moment ``Σ x xᵀ`` ("inputs"), the output
 sum and second moment ("outputs"), and the empirical Fisher summed along each weight axis ("fisher", squared
 mini-batch gradients of the loss). Nothing per token is kept.
 
@@ -35,6 +35,7 @@ class LayerStats:
 
     tokens: int = 0
     x_sum: Tensor | None = None       # (in,)
+    x_abs_sum: Tensor | None = None   # (in,)  Σ |x| (ASVD's activation scale)
     xxt: Tensor | None = None         # (in, in)  Σ x xᵀ
     y_sum: Tensor | None = None       # (out,)
     yyt: Tensor | None = None         # (out, out)  Σ y yᵀ
@@ -55,6 +56,10 @@ class LayerStats:
     def input_mean(self) -> Tensor:
         return self._need(self.x_sum, "inputs") / self.tokens
 
+    def input_abs_mean(self) -> Tensor:
+        """E|x| per input channel (in,), float64 (over all rows, also when a sampler thins the moments)."""
+        return self._need(self.x_abs_sum, "inputs") / self.tokens
+
     def output_mean(self) -> Tensor:
         return self._need(self.y_sum, "outputs") / self.tokens
 
@@ -73,8 +78,10 @@ class LayerStats:
         if self.xxt is None:
             self.xxt = x.new_zeros(x.shape[1], x.shape[1])
             self.x_sum = x.new_zeros(x.shape[1])
+            self.x_abs_sum = x.new_zeros(x.shape[1])
         self.xxt.addmm_(x.T, x)
         self.x_sum += x.sum(0)
+        self.x_abs_sum += x.abs().sum(0)
         self.tokens += x.shape[0]
 
     def add_outputs(self, y: Tensor) -> None:

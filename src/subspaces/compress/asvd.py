@@ -8,9 +8,6 @@ input channels that carry large activations are approximated more carefully. The
 Defaults follow the official code: ``alpha=0.5`` and the ``"abs_mean"`` scaling method.
 
 Deviations:
-- ``s`` is the per-channel RMS ``sqrt(diag E[xxᵀ])`` from the shared input moment, not the official mean ``|x|``
-  (``E|x|`` cannot be derived from the moments we collect). Both measure the channel's activation magnitude; for
-  zero-mean Gaussian channels they differ by the common factor ``sqrt(2/π)``, which cancels in ``W S ... S⁻¹``.
 - The zero-division guard: the official code adds ``10⁻⁶`` to ``s^α``; we clamp ``s^α`` at ``10⁻⁶·max s^α`` (the
   same role, independent of the activation scale).
 - The SVD is exact by default (the official code uses ``torch.svd_lowrank``); ``svd="randomized"`` is available.
@@ -39,11 +36,11 @@ _FLOOR = 1e-6
 
 
 @COMPRESS.register("asvd", paper="https://arxiv.org/abs/2312.05821", status="partial",
-                   note="activation scaling by per-channel RMS (not mean |x|); the sensitivity-based rank search "
-                        "is left out (our allocation picks ranks)")
+                   note="the sensitivity-based rank search and the Fisher / abs-max scaling variants are left out "
+                        "(our allocation picks the ranks)")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ASVD:
-    """SVD of ``W diag(s^alpha)`` (``s``: per-input-channel activation RMS), truncated, mapped back by the inverse scale.
+    """SVD of ``W diag(s^alpha)`` (``s``: per-input-channel mean |x|), truncated, mapped back by the inverse scale.
 
     ``alpha``: strength of the activation scaling (0: plain SVD; the official default 0.5).
     """
@@ -62,7 +59,7 @@ class ASVD:
         """The per-input-channel scale ``s^alpha`` (in,), float64, floored away from zero."""
         if stats is None:
             raise SubspacesError("asvd needs calibration inputs: pass calibration=[batch, ...] to compress_")
-        s = stats.input_moment().diagonal().clamp_min(0).sqrt() ** self.alpha
+        s = stats.input_abs_mean() ** self.alpha
         top = float(s.max())
         if not math.isfinite(top):
             raise SubspacesError("ASVD: the activation scale has inf/NaN entries; check the calibration data")
