@@ -29,6 +29,8 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--eval", type=int, default=8)
     p.add_argument("--m", type=int, default=1024, help="sampled rows per layer")
+    p.add_argument("--kv-train", type=int, default=0, help="instead: MatryoshkaKV at 50%% with this many distillation "
+                   "steps against PCA only")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/compress_extras_smollm2.json"))
     p.add_argument("--md", type=Path, default=Path("benchmarks/results/compress_extras_smollm2.md"))
     args = p.parse_args()
@@ -40,6 +42,8 @@ def main() -> None:
     evals = list(windows[:, :-1].split(4))
     out: dict = {"calib_tokens": args.calib * args.seq, "eval_tokens": int(windows[:, 1:].numel())}
     md = []
+    if args.kv_train:
+        return kv_training(args, base, batches, windows, out)
 
     kv = kv_rate_curve(copy.deepcopy(base), batches, [0.0, 0.25, 0.5, 0.625, 0.75], eval_batches=evals)
     out["matryoshka_kv"] = kv
@@ -92,6 +96,31 @@ def main() -> None:
 
     from subspaces._io import atomic_path, write_json
 
+    write_json(args.json, out)
+    with atomic_path(args.md) as tmp:
+        tmp.write_text("\n".join(md) + "\n")
+    print("\n".join(md))
+
+
+def kv_training(args, base, batches, windows, out) -> None:
+    """MatryoshkaKV at half the cache, uniform ranks: PCA only vs Matryoshka distillation (the greedy search needs
+    thousands of forwards: too slow for this CPU)."""
+    from subspaces.compress import MatryoshkaKV
+    from subspaces._io import atomic_path, write_json
+
+    rows = []
+    for steps, search in ((0, "uniform"), (args.kv_train, "uniform")):
+        model = copy.deepcopy(base)
+        rep = ss.compress_(model, MatryoshkaKV(train_steps=steps, search=search, per_round=0.5), ratio=0.5,
+                           calibration=batches)
+        rows.append({"train_steps": steps, "search": search, "perplexity": H.perplexity(model, windows),
+                     "attention_error": rep.get("attention_error"), "kept": rep.get("kept")})
+        print(json.dumps(rows[-1]), flush=True)
+        del model
+    out["matryoshka_kv_training"] = rows
+    md = ["MatryoshkaKV at 50% of the KV cache removed: perplexity (uncompressed "
+          f"{H.perplexity(base, windows):.2f})", "", "| distillation steps | ranks | perplexity |", "|---:|---|---:|"]
+    md += [f"| {r['train_steps']} | {r['search']} | {r['perplexity']:.2f} |" for r in rows]
     write_json(args.json, out)
     with atomic_path(args.md) as tmp:
         tmp.write_text("\n".join(md) + "\n")
