@@ -225,10 +225,6 @@ def _takes_use_cache(model: nn.Module) -> bool:
     return hasattr(getattr(model, "config", None), "use_cache")
 
 
-def _hidden(args: tuple, kwargs: dict) -> Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 def _with_hidden(args: tuple, kwargs: dict, h: Tensor) -> tuple[tuple, dict]:
     if args:
         return (h, *args[1:]), kwargs
