@@ -116,10 +116,8 @@ def compress_lm(
     """Compress ``model`` with ``method``; perplexity before (``baseline``) and after; writes ``out`` if given:
     the compressed model folder (``out/model``, reloads with ``ss.compress.load_compressed``), ``report.json`` and
     ``report.md``. Returns the result (summary and per-layer report)."""
-    from .._registry import COMPRESS
     from ..compress import compress_, config_for
 
-    COMPRESS.get(method)
     config = config_for(method, hyperparameters or {})  # bad hyperparameters fail before the model loads
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SubspacesError(f"output {out} already exists and is not an empty folder; choose another")
