@@ -23,7 +23,7 @@ from .adapters._saving import load_adapter, save_adapter
 from .compress._core import compress_
 from .integrations.peft import export_lora
 
-_LAZY = ("adapters", "optim", "compress", "nn", "linalg", "measure", "models", "data", "integrations")
+_LAZY = ("adapters", "optim", "compress", "merge", "nn", "linalg", "measure", "models", "data", "integrations")
 
 __all__ = [
     "SubspacesError",

@@ -59,13 +59,14 @@ class Registry:
 ADAPTERS = Registry("adapt")
 TRAIN = Registry("train")
 COMPRESS = Registry("compress")
-REGISTRIES = (ADAPTERS, TRAIN, COMPRESS)
+MERGE = Registry("merge")
+REGISTRIES = (ADAPTERS, TRAIN, COMPRESS, MERGE)
 
 
 def list_methods() -> list[dict[str, str]]:
     """Every registered method as rows ``{family, name, paper, status, note}`` (the note says what a partial
     method leaves out)."""
-    from . import adapters, compress, optim  # noqa: F401  (importing registers the methods)
+    from . import adapters, compress, merge, optim  # noqa: F401  (importing registers the methods)
 
     return [
         {"family": e.family, "name": e.name, "paper": e.paper, "status": e.status, "note": e.note or ""}

@@ -13,7 +13,8 @@ app = typer.Typer(
 )
 
 from . import compare, methods, tune  # noqa: E402,F401  (each registers its subcommand)
-from . import compress, pretrain  # noqa: E402,F401
+from . import compress, merge, pretrain  # noqa: E402,F401
+from . import extract_lora  # noqa: E402,F401
 
 
 def main() -> None:

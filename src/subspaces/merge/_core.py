@@ -1,0 +1,200 @@
+"""``merge(method, base=..., models=[...], out=...)``: the one entry point of the merge family.
+
+Tensor-wise methods (kind "tensor") are pure functions ``fn(base, deltas, *, hyperparameters) -> merged tensor``; their
+keyword-only signature is their schema. This file runs them one tensor at a time: for each name it loads that tensor
+from the base and every model, hands the method float32 (float64 for float64 inputs) task vectors δ_t = θ_t − θ₀,
+casts the result and streams it into the output shards, so neither the inputs nor the merged model are ever held
+whole. Non-float tensors (position ids, counters) are copied from the base. Other kinds (learned, stream, lora,
+inference) bring their own ``run(base=, models=, out=, **hp)``.
+
+Per-model hyperparameters (``weights``, ``density``) take one value or one per model. Random methods declare a
+``generator`` parameter; each tensor gets its own generator seeded from ``seed`` and the tensor's name, so a merge is
+reproducible whatever the order or sharding of the inputs.
+"""
+from __future__ import annotations
+
+import inspect
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .._errors import SubspacesError
+from .._registry import MERGE
+from ._io import SHARD_BYTES, Source, check_new_output, open_model, write_model
+
+PER_MODEL = ("weights", "density")
+_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
+
+
+def task_vectors(base: dict[str, torch.Tensor], models: Sequence[dict[str, torch.Tensor]]) -> list[dict]:
+    """θ_t − θ₀ for every floating-point tensor (computed in float32 at least, returned in that precision)."""
+    out = []
+    for sd in models:
+        tv = {}
+        for k, b in base.items():
+            if b.is_floating_point():
+                work = torch.promote_types(b.dtype, torch.float32)
+                tv[k] = sd[k].detach().to(work) - b.detach().to(work)
+        out.append(tv)
+    return out
+
+
+def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPE_NAMES:
+        raise SubspacesError(f"dtype={dtype!r}; allowed: {', '.join(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def schema(fn) -> dict[str, Any]:
+    """The hyperparameters of a tensor-wise method: its keyword-only parameters and defaults."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+
+
+def _check_hyperparameters(method: str, fn, hp: dict[str, Any], n: int) -> dict[str, Any]:
+    valid = schema(fn)
+    allowed = (set(valid) - {"generator"}) | ({"seed"} if "generator" in valid else set())
+    unknown = sorted(set(hp) - allowed)
+    if unknown:
+        raise SubspacesError(f"{method}: unknown hyperparameter {unknown[0]!r}; valid: {', '.join(sorted(allowed))}")
+    hp = dict(hp)
+    for key in PER_MODEL:
+        if key in hp and hp[key] is not None:
+            value = hp[key]
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise SubspacesError(f"{method}: {key} has {len(values)} values for {n} models")
+            try:
+                hp[key] = [float(v) for v in values]
+            except (TypeError, ValueError):
+                raise SubspacesError(f"{method}: {key}={value!r} must be numbers") from None
+    return hp
+
+
+def _check_inputs(base: Source | None, models: list[Source], dtype: torch.dtype | None) -> Source:
+    ref = base if base is not None else models[0]
+    keys = set(ref.keys())
+    for src in models if base is not None else models[1:]:
+        other = set(src.keys())
+        if other != keys:
+            extra, missing = sorted(other - keys), sorted(keys - other)
+            what = f"has tensor {extra[0]!r} that {ref.name} lacks" if extra else f"lacks tensor {missing[0]!r}"
+            raise SubspacesError(f"{src.name} {what}: all models must have the same tensors")
+        for k in ref.keys():
+            if src.shape(k) != ref.shape(k):
+                raise SubspacesError(f"tensor {k!r} has shape {list(src.shape(k))} in {src.name} but "
+                                     f"{list(ref.shape(k))} in {ref.name}")
+            if dtype is None and src.dtype(k) != ref.dtype(k):
+                raise SubspacesError(
+                    f"mixed dtypes: tensor {k!r} is {str(src.dtype(k)).removeprefix('torch.')} in {src.name} but "
+                    f"{str(ref.dtype(k)).removeprefix('torch.')} in {ref.name}; pass dtype= (YAML dtype:) to cast all "
+                    "inputs to one")
+    return ref
+
+
+def _generator(seed: int, key: str, device: torch.device) -> torch.Generator:
+    return torch.Generator(device).manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
+
+
+class _TensorMerge:
+    """One tensor-wise merge: validated inputs and the per-tensor computation."""
+
+    def __init__(self, method: str, fn, base, models, hp, dtype, device) -> None:
+        if not models:
+            raise SubspacesError("models is empty: give at least one fine-tuned model")
+        if base is None and getattr(fn, "needs_base", True):
+            raise SubspacesError(f"{method} needs a base model (base=...; YAML base_model:)")
+        self.fn, self.device, self.dtype = fn, torch.device(device), parse_dtype(dtype)
+        self.base = open_model(base, "base") if base is not None else None
+        self.models = [open_model(m, f"model {i}") for i, m in enumerate(models)]
+        self.ref = _check_inputs(self.base, self.models, self.dtype)
+        self.hp = _check_hyperparameters(method, fn, hp, len(self.models))
+        self.seed = self.hp.pop("seed", 0)
+        self.random = "generator" in schema(fn)
+
+    def out_dtype(self, key: str) -> torch.dtype:
+        d = self.ref.dtype(key)
+        return self.dtype if self.dtype is not None and d.is_floating_point else d
+
+    def specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
+        return [(k, self.ref.shape(k), self.out_dtype(k)) for k in self.ref.keys()]
+
+    def inputs(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        work = torch.float64 if self.ref.dtype(key) == torch.float64 else torch.float32
+        # copy=True: in-memory inputs are the user's tensors and are updated in place below
+        thetas = [m.get(key).to(self.device, work, copy=True) for m in self.models]
+        if self.base is None:  # linear without a base: "task vectors" against zero
+            return torch.zeros_like(thetas[0]), thetas
+        b = self.base.get(key).to(self.device, work)
+        return b, [t.sub_(b) for t in thetas]
+
+    def float_keys(self) -> list[str]:
+        return [k for k in self.ref.keys() if self.ref.dtype(k).is_floating_point]
+
+    def __call__(self, key: str) -> torch.Tensor:
+        if not self.ref.dtype(key).is_floating_point:
+            return self.ref.get(key)
+        base, deltas = self.inputs(key)
+        kw = dict(self.hp)
+        if self.random:
+            kw["generator"] = _generator(self.seed, key, self.device)
+        return self.fn(base, deltas, **kw).to(self.out_dtype(key)).cpu()
+
+
+def _describe(x: Any, what: str) -> str:
+    return str(x) if isinstance(x, (str, Path)) else f"<in-memory {what}>"
+
+
+def merge(method: str, *, base: Any = None, models: Sequence[Any], out: str | Path | None = None,
+          dtype: str | torch.dtype | None = None, device: str | torch.device = "cpu", progress: bool = False,
+          shard_bytes: int = SHARD_BYTES, extra_files: dict[str, str] | None = None,
+          **hyperparameters: Any) -> dict[str, torch.Tensor] | Any:
+    """Merge fine-tuned ``models`` (paths, state dicts or modules) with ``method`` against ``base``.
+
+    Returns the merged state dict, or, with ``out``, writes a Hugging Face folder there (sharded safetensors, the
+    base's config and tokenizer files, ``merge_config.json``) and returns its path. ``dtype`` casts every input to one
+    dtype (mixed dtypes are refused without it); the arithmetic runs in float32 on ``device``. ``shard_bytes`` caps
+    each output shard; ``extra_files`` (name -> text) are written beside the weights.
+    Methods and their hyperparameters: ``subspaces methods`` / ``ss.list_methods()``.
+    """
+    import subspaces.merge  # noqa: F401  (importing registers the methods)
+
+    fn = MERGE.get(method).obj
+    if getattr(fn, "kind", "tensor") != "tensor":
+        return fn.run(base=base, models=models, out=out, **hyperparameters)
+    if out is not None:
+        check_new_output(out)
+    job = _TensorMerge(method, fn, base, list(models), hyperparameters, dtype, device)
+    if hasattr(fn, "prepare"):  # model-wide statistics first (e.g. TIES trimming over the whole task vector)
+        job.hp.update(fn.prepare((job.inputs(k) for k in job.float_keys()), **job.hp))
+    keys = job.ref.keys()
+    bar = _progress(len(keys), method) if progress else None
+    try:
+        if out is None:
+            result = {}
+            for k in keys:
+                result[k] = job(k)
+                if bar is not None:
+                    bar.update(1)
+            return result
+        config = {"method": method, "hyperparameters": {**hyperparameters},
+                  "base": _describe(base, "base") if base is not None else None,
+                  "models": [_describe(m, f"model {i}") for i, m in enumerate(models)],
+                  "dtype": str(job.dtype).removeprefix("torch.") if job.dtype else None}
+        like = job.base.folder if job.base is not None else job.models[0].folder
+        return write_model(out, ((k, job(k)) for k in keys), specs=job.specs(), like=like, config=config,
+                           shard_bytes=shard_bytes, extra_files=extra_files, progress=bar)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _progress(total: int, method: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"merge {method}", unit="tensor")
