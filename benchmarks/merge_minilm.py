@@ -16,16 +16,19 @@ backbone + head is cached as safetensors under ``subspaces._io.cache_dir("merge-
 
 Merging: tensor methods run through ``subspaces.merge.merge(name, base=θ₀, models=[θ₁..θ₄], **hp)``; their scaling
 λ is chosen on the validation splits (average accuracy) from a small grid, as the TA/TIES/DARE papers do. Learned
-methods get the merged encoder module and the unlabeled test inputs of every task (test-time adaptation, as
-AdaMerging and Concrete do) through ``LEARNED_KWARGS`` below. Stream methods (``kind == "stream"``) are run on task
-prefixes in three orders: average test accuracy over the tasks seen so far after each step. A method that is not
-registered (yet), or whose inputs this script cannot supply, is skipped with a line saying why.
+methods get the encoder module at θ0, each task's logits (its own head on the mean-pooled states) and data through
+``LEARNED`` below: AdaMerging and Concrete the unlabelled test inputs of every task (test-time adaptation, as their
+papers), aTLAS ``--shots`` labelled train examples per class and the validation split; their step counts are cut to
+``--learned-steps`` for a CPU budget (``0``: the papers' 500 / 2000 steps). Stream methods run through
+``merge_stream`` in three task orders: average test accuracy over the tasks seen so far after each step; their row
+in the main table is the final merge of the first order. A method that is not registered, or whose inputs this
+script cannot supply, is skipped with a line saying why.
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import hashlib
-import inspect
 import json
 import math
 import random
@@ -49,7 +52,7 @@ GRIDS = {
 }
 SCALING_NAMES = ("scaling", "lam", "lambda_", "scale")  # whichever the method's signature uses
 # Fixed hyperparameters (paper defaults), given only where the method's signature has the name.
-FIXED = {"ties": {"density": 0.2}, "dare_linear": {"seed": 0}, "dare_ties": {"seed": 0}}
+FIXED = {"ties": {"density": 0.2, "trim": "model"}, "dare_linear": {"seed": 0}, "dare_ties": {"seed": 0}}
 RECIPE = "lpft-v1"  # bump when the fine-tuning recipe changes: the cache key includes it
 
 
@@ -212,7 +215,7 @@ class Evaluator:
         for name, sd in heads.items():
             h = torch.nn.Linear(sd["weight"].shape[1], sd["weight"].shape[0])
             h.load_state_dict(sd)
-            self.heads[name] = h.eval()
+            self.heads[name] = h.eval().requires_grad_(False)
 
     def __call__(self, state: dict[str, torch.Tensor], split: str, names: list[str] | None = None) -> dict[str, float]:
         self.encoder.load_state_dict({k: v.to(torch.float32) for k, v in state.items()}, strict=True)
@@ -227,57 +230,54 @@ def mean(d: dict[str, float]) -> float:
     return sum(d.values()) / len(d)
 
 
-def signature_of(obj) -> dict[str, inspect.Parameter]:
-    """Keyword parameters of a tensor merge function (its schema); empty when it cannot be read."""
-    try:
-        return {n: p for n, p in inspect.signature(obj).parameters.items() if p.kind == p.KEYWORD_ONLY}
-    except (TypeError, ValueError):
-        return {}
+class LearnedInputs:
+    """What the learned merges take besides the models: ``base`` = the encoder module at θ0 (they run it through
+    torch.func.functional_call), per task unlabelled test batches (AdaMerging, Concrete: test-time adaptation) or
+    labelled k-shot train batches and the validation split (aTLAS), and per task ``logits(output, inputs)``: mean
+    pooling, then that task's own head."""
 
-
-class LearnedContext:
-    """What a learned merge may need: the encoder (any module; called through torch.func.functional_call), the
-    unlabeled test inputs of every task, labeled validation batches, and the task-specific heads."""
-
-    def __init__(self, encoder, tasks, evaluator, collate, batch_size: int = 16) -> None:
-        self.module = encoder
-        self.names = list(tasks)
-        self.heads = evaluator.heads
+    def __init__(self, module, tasks, heads, collate, args) -> None:
+        self.module, self.names = module, list(tasks)
         strip = lambda b: {"input_ids": b["input_ids"], "attention_mask": b["attention_mask"]}  # noqa: E731
-        self.unlabeled = {n: [strip(b) for _, b in batches_by_length(tasks[n]["test"], collate, batch_size,
-                                                                    random.Random(0))] for n in tasks}
-        self.labeled_val = {n: [b for _, b in batches_by_length(tasks[n]["val"], collate, batch_size,
-                                                               random.Random(0))] for n in tasks}
+        self.unlabeled = [[strip(b) for _, b in batches_by_length(tasks[n]["test"], collate, 16, random.Random(0))]
+                          for n in tasks]
+        self.val = {n: [b for _, b in batches_by_length(tasks[n]["val"], collate, 64)] for n in tasks}
+        self.few_shot = {n: few_shot(tasks[n]["train"], args.shots, collate, args.seed) for n in tasks}
+        self.logits = [self._logits(heads[n]) for n in tasks]
+        self.logits_by_task = dict(zip(self.names, self.logits))
 
-    def logits(self, outputs, batch, task: str) -> torch.Tensor:
-        """Task ``task``'s logits from the encoder's outputs on ``batch`` (mean pooling, then its head)."""
-        h = outputs.last_hidden_state if hasattr(outputs, "last_hidden_state") else outputs[0]
-        m = batch["attention_mask"].unsqueeze(-1).to(h.dtype)
-        return self.heads[task]((h * m).sum(1) / m.sum(1).clamp_min(1))
-
-    def entropy_loss(self, outputs, batch, task: str) -> torch.Tensor:
-        p = self.logits(outputs, batch, task).float().log_softmax(-1)
-        return -(p.exp() * p).sum(-1).mean()
-
-    def ce_loss(self, outputs, batch, task: str) -> torch.Tensor:
-        return torch.nn.functional.cross_entropy(self.logits(outputs, batch, task).float(), batch["labels"])
+    @staticmethod
+    def _logits(head):
+        def fn(output, inputs):
+            h = output.last_hidden_state
+            m = inputs["attention_mask"].unsqueeze(-1).to(h.dtype)
+            return head((h * m).sum(1) / m.sum(1).clamp_min(1))
+        return fn
 
 
-# How a learned method is given its inputs. Edit here when a method's run() names them differently; a method
-# that rejects these keywords is skipped with its error message (which names the keywords it takes).
-LEARNED_KWARGS: dict[str, Callable[[LearnedContext], dict]] = {
-    "adamerging": lambda c: {"module": c.module, "batches": [c.unlabeled[n] for n in c.names],
-                             "loss_fn": [lambda o, b, n=n: c.entropy_loss(o, b, n) for n in c.names]},
-    "concrete": lambda c: {"module": c.module, "batches": [c.unlabeled[n] for n in c.names],
-                           "loss_fn": [lambda o, b, n=n: c.entropy_loss(o, b, n) for n in c.names]},
-    "atlas": lambda c: {"module": c.module, "batches": [c.labeled_val[n] for n in c.names],
-                        "loss_fn": [lambda o, b, n=n: c.ce_loss(o, b, n) for n in c.names]},
+def few_shot(rows: list[dict], k: int, collate, seed: int, batch_size: int = 32) -> list[dict]:
+    """k labelled examples per class (all of a smaller class), in length-sorted shuffled batches."""
+    rng, by = random.Random(seed), {}
+    for r in rows:
+        by.setdefault(r["labels"], []).append(r)
+    pick = [r for y in sorted(by) for r in rng.sample(by[y], min(k, len(by[y])))]
+    return [b for _, b in batches_by_length(pick, collate, batch_size, rng)]
+
+
+# How each learned method gets its inputs and its (CPU-budget) hyperparameters; ``steps`` = --learned-steps.
+LEARNED: dict[str, Callable[[LearnedInputs, int], dict]] = {
+    "adamerging": lambda c, steps: {"data": c.unlabeled, "logits": c.logits, **({"steps": steps} if steps else {})},
+    "concrete": lambda c, steps: {"data": c.unlabeled, "logits": c.logits, **({"steps": steps} if steps else {})},
+    "atlas": lambda c, steps: {"data": c.few_shot, "logits": c.logits_by_task, "val": c.val,
+                               **({"epochs": max(1, steps // min(map(len, c.few_shot.values())))} if steps else {})},
 }
 
 
-def run_tensor(name, entry, merge, base, models, evaluate, log) -> dict:
-    sig = signature_of(entry.obj)
-    hp = {k: v for k, v in FIXED.get(name, {}).items() if not sig or k in sig}
+def run_tensor(name, fn, merge, base, models, evaluate, log) -> dict:
+    from subspaces.merge import schema
+
+    sig = schema(fn)
+    hp = {k: v for k, v in FIXED.get(name, {}).items() if k in sig or (k == "seed" and "generator" in sig)}
     scale = next((s for s in SCALING_NAMES if s in sig), None)
     grid = GRIDS.get(name) if scale else None
     if name in GRIDS and not scale:
@@ -291,23 +291,27 @@ def run_tensor(name, entry, merge, base, models, evaluate, log) -> dict:
         chosen = max(grid, key=lambda v: (val_curve[v], -abs(v - 1)))  # ties: the value nearer 1
         hp[scale] = chosen
     merged = merge(name, base=base, models=models, **hp)
-    defaults = {k: p.default for k, p in sig.items() if p.default is not inspect.Parameter.empty}
-    return {"hp": {**{k: v for k, v in defaults.items() if isinstance(v, (int, float, str, bool, type(None)))}, **hp},
+    plain = (int, float, str, bool, type(None))
+    return {"hp": {**{k: v for k, v in sig.items() if isinstance(v, plain)}, **hp},
             "chosen": {scale: chosen} if chosen is not None else {}, "val_curve": val_curve,
             "val": evaluate(merged, "val"), "test": evaluate(merged, "test")}
 
 
-def run_stream(name, merge, base, models, names, orders, evaluate, log) -> dict:
-    """Merge the prefixes of each order (deterministic methods: the prefix result is the state after that step)."""
+def run_stream(name, base, models, names, orders, evaluate, log) -> dict:
+    """One pass of ``merge_stream`` per order: average test accuracy over the tasks seen after every step."""
+    from subspaces.merge import merge_stream
+
     out = []
     for order in orders:
-        steps = []
-        for t in range(1, len(order) + 1):
-            seen = [names[i] for i in order[:t]]
-            acc = evaluate(merge(name, base=base, models=[models[i] for i in order[:t]]), "test", seen)
-            steps.append({"seen": seen, "test": acc, "avg": mean(acc)})
-            log(f"  {name} order {'>'.join(names[i][:4] for i in order)} step {t}: avg over seen {mean(acc):.4f}")
-        out.append({"order": [names[i] for i in order], "steps": steps})
+        steps, label = [], " > ".join(names[i] for i in order)
+        for st in merge_stream(name, base=base, models=[models[i] for i in order]):
+            seen = [names[i] for i in order[:st.step]]
+            acc = evaluate(st, "test", seen)
+            info = {k: round(float(v), 4) for k, v in st.info.items() if isinstance(v, (int, float))}
+            steps.append({"seen": seen, "test": acc, "avg": mean(acc), "info": info})
+            log(f"  {name} [{label}] step {st.step}: avg over seen {mean(acc):.4f} {info}")
+        final = evaluate(st, "test")  # the last step has seen every task
+        out.append({"order": [names[i] for i in order], "steps": steps, "final_test": final})
     return {"orders": out, "final_avg_mean": sum(o["steps"][-1]["avg"] for o in out) / len(out)}
 
 
@@ -331,7 +335,10 @@ def markdown(res: dict) -> str:
     lines.append(row("individual fine-tuned (each on its own task)", ind))
     for m in res["methods"]:
         chosen = ", ".join(f"{k}={v}" for k, v in m["chosen"].items())
-        lines.append(row(f"{m['method']}" + (f" ({chosen}, val-selected)" if chosen else ""), m["test"]))
+        label = m["method"] + (f" ({chosen}, val-selected)" if chosen else "")
+        label += f" (stream, first order, after all {len(names)})" if m["kind"] == "stream" else ""
+        label += f" ({m['hp']})" if m["kind"] == "learned" and m["hp"] else ""
+        lines.append(row(label, m["test"]))
     if res["stream"]:
         lines += ["", "Stream merging: average test accuracy over the tasks seen so far, after each step "
                   "(three task orders).", "",
@@ -351,13 +358,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default=TASKS)
     p.add_argument("--methods", default="all", help="comma-separated merge methods, or 'all' registered ones")
-    p.add_argument("--epochs", type=int, default=3)
-    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--learned-steps", type=int, default=100,
+                   help="optimizer steps of the learned merges (aTLAS: about that many); 0 = the methods' defaults")
+    p.add_argument("--shots", type=int, default=16, help="labelled examples per class for aTLAS")
     p.add_argument("--finetune-only", action="store_true")
     p.add_argument("--json", type=Path, default=Path("benchmarks/results/merge_minilm.json"))
     p.add_argument("--md", type=Path, default=Path("benchmarks/results/merge_minilm.md"))
@@ -377,6 +387,7 @@ def main() -> None:
     fts = {n: finetune_task(n, tasks[n], args, collate) for n in names}
     if args.finetune_only:
         return
+    base_module = copy.deepcopy(encoder).eval()  # θ0 for the learned merges (the evaluator loads into `encoder`)
     base = {k: v.clone() for k, v in encoder.state_dict().items()}
     models = [fts[n]["state"] for n in names]
     evaluate = Evaluator(encoder, tasks, {n: fts[n]["head"] for n in names}, collate)
@@ -388,54 +399,50 @@ def main() -> None:
         "pretrained": evaluate(base, "test"), "methods": [], "stream": {}, "skipped": {}}
     log(f"individual {res['individual']}  pretrained+heads {res['pretrained']}")
 
-    try:
-        from subspaces._registry import MERGE
-        from subspaces.merge import merge  # importing the package registers the methods
-    except ImportError as e:
-        MERGE, merge = None, None
-        log(f"subspaces.merge is not importable yet ({e}); no merge method runs")
-    registered = {e.name: e for e in MERGE} if MERGE is not None else {}
-    wanted = ([m for m in ORDER] + sorted(set(registered) - set(ORDER)) if args.methods == "all"
+    from subspaces._registry import MERGE
+    from subspaces.merge import merge  # importing the package registers the methods
+
+    registered = {e.name: e for e in MERGE}
+    wanted = (list(ORDER) + sorted(set(registered) - set(ORDER)) if args.methods == "all"
               else args.methods.split(","))
-    rng = random.Random(args.seed)
-    perm = list(range(len(names)))
-    while perm in (list(range(len(names))), list(range(len(names)))[::-1]):
+    ident = list(range(len(names)))
+    perm, rng = list(ident), random.Random(args.seed)
+    while perm in (ident, ident[::-1]):
         rng.shuffle(perm)
-    orders = [list(range(len(names))), list(range(len(names)))[::-1], perm]
-    ctx = None
+    orders = [ident, ident[::-1], perm]
+    learned = None
     for name in wanted:
         if name not in registered:
-            res["skipped"][name] = "not registered yet"
-            log(f"skip {name}: not registered in subspaces.merge yet")
+            res["skipped"][name] = "not registered"
+            log(f"skip {name}: not registered in subspaces.merge")
             continue
-        entry = registered[name]
-        kind = getattr(entry.obj, "kind", "?")
+        fn = registered[name].obj
+        kind = getattr(fn, "kind", "?")
         log(f"{name} (kind {kind})")
         start = time.perf_counter()
         try:
             if kind == "tensor":
-                r = run_tensor(name, entry, merge, base, models, evaluate, log)
+                r = run_tensor(name, fn, merge, base, models, evaluate, log)
             elif kind == "learned":
-                if name not in LEARNED_KWARGS:
-                    raise LookupError("no LEARNED_KWARGS entry says how to give it a model and data")
-                ctx = ctx or LearnedContext(encoder, tasks, evaluate, collate)
-                merged = merge(name, base=base, models=models, **LEARNED_KWARGS[name](ctx))
-                r = {"hp": {}, "chosen": {}, "val_curve": {}, "val": evaluate(merged, "val"),
-                     "test": evaluate(merged, "test")}
+                if name not in LEARNED:
+                    raise LookupError("no LEARNED entry in this script says how to give it data and logits")
+                learned = learned or LearnedInputs(base_module, tasks, evaluate.heads, collate, args)
+                hp = LEARNED[name](learned, args.learned_steps)
+                merged = merge(name, base=base_module, models=models, **hp)
+                r = {"hp": {k: v for k, v in hp.items() if k not in ("data", "logits", "val")}, "chosen": {},
+                     "val_curve": {}, "val": evaluate(merged, "val"), "test": evaluate(merged, "test")}
             elif kind == "stream":
-                res["stream"][name] = run_stream(name, merge, base, models, names, orders, evaluate, log)
-                merged = merge(name, base=base, models=models)
-                r = {"hp": {}, "chosen": {}, "val_curve": {}, "val": evaluate(merged, "val"),
-                     "test": evaluate(merged, "test")}
+                res["stream"][name] = s = run_stream(name, base, models, names, orders, evaluate, log)
+                r = {"hp": {}, "chosen": {}, "val_curve": {}, "test": s["orders"][0]["final_test"]}
             else:
-                raise LookupError(f"kind {kind!r} does not merge full backbones")
-        except (ss.SubspacesError, LookupError, TypeError) as e:
+                raise LookupError(f"kind {kind!r} does not merge full fine-tuned backbones")
+        except (ss.SubspacesError, LookupError) as e:
             res["skipped"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             log(f"skip {name}: {res['skipped'][name]}")
             continue
         r.update(method=name, kind=kind, seconds=round(time.perf_counter() - start, 1))
         res["methods"].append(r)
-        log(f"{name}: test {r['test']} avg {mean(r['test']):.4f} {r['chosen'] or ''}")
+        log(f"{name}: test avg {mean(r['test']):.4f} {r['test']} {r['chosen'] or ''} ({r['seconds']:.0f}s)")
         write_json(args.json, res)  # partial results survive an interrupted run
     write_json(args.json, res)
     md = markdown(res)

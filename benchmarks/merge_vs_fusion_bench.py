@@ -1,7 +1,8 @@
 """Parity of subspaces' merges with FusionBench's own implementations, on small random models (CPU, fp32).
 
 Runs FusionBench's task arithmetic (``TaskArithmeticAlgorithm``; its functional ``task_arithmetic_merge`` raises
-TypeError on nn.Modules in fusion-bench 0.2.33: Parameter vs Tensor in its strict state-dict check), TIES-merging (``TiesMergingAlgorithm``), OPCM
+TypeError on nn.Modules in fusion-bench 0.2.33: Parameter vs Tensor in its strict state-dict check), TIES-merging
+(``TiesMergingAlgorithm``), OPCM
 (``OPCMForCLIP`` and the general ``OPCM``) and continual task arithmetic (``ContinualTaskArithmeticForCLIP``) and ours
 (``subspaces.merge.merge`` / ``merge_stream``) on the same base + fine-tuned models, and reports max |ours − theirs|
 over every tensor (target ≤ 1e-6). Fine-tuned models are the base plus random full-rank task vectors (Gaussian plus
@@ -15,6 +16,7 @@ Writes benchmarks/results/merge_vs_fusion_bench.{json,md}.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -106,6 +108,24 @@ def max_diff(ours: dict, theirs: dict, base: dict) -> dict:
     return {"max_abs_diff": diff, "max_abs_update": moved, "worst_tensor": worst, "pass": diff <= TOL}
 
 
+@contextlib.contextmanager
+def official_topk():
+    """Diagnosis only: the official TIES code (and FusionBench's ``topk_values_mask``) thresholds at
+    ``kthvalue(n − ⌊k·n⌋)``, keeping ⌊k·n⌋ + 1 entries; swap that rule into ours for one call."""
+    ties_module = sys.modules["subspaces.merge.ties"]
+    ours = ties_module.magnitude_threshold
+
+    def official(delta, density):
+        flat = delta.reshape(-1).abs()
+        return flat.kthvalue(flat.numel() - int(density * flat.numel())).values
+
+    ties_module.magnitude_threshold = official
+    try:
+        yield
+    finally:
+        ties_module.magnitude_threshold = ours
+
+
 def fb_pool(fb, base, models):
     return fb.BaseModelPool({"_pretrained_": copy.deepcopy(base),
                              **{f"task{i}": copy.deepcopy(m) for i, m in enumerate(models)}})
@@ -141,6 +161,10 @@ def cases(fb, kind: str, n: int) -> list[dict]:
         t0 = time.perf_counter()
         ours = sm.merge("ties", base=b, models=ms, scaling=0.3, density=0.2, trim="model", normalize=normalize)
         row("ties", f"λ=0.3, k=20%, merge_func={merge_func}, trim=model", ours, theirs, time.perf_counter() - t0)
+        if not rows[-1]["pass"]:
+            with official_topk():
+                ours = sm.merge("ties", base=b, models=ms, scaling=0.3, density=0.2, trim="model", normalize=normalize)
+            row("ties", f"diagnosis: as above, top-k count patched to ⌊k·n⌋+1 (official code)", ours, theirs, 0.0)
 
     for cls_name in ("OPCMForCLIP", "OPCM"):
         for alpha in (0.5, 0.8):
@@ -148,6 +172,13 @@ def cases(fb, kind: str, n: int) -> list[dict]:
             t0 = time.perf_counter()
             ours = sm.merge("opcm", base=base, models=ms, alpha=alpha)  # the module: exact nn.Linear selection
             row("opcm", f"fusion-bench {cls_name}, α={alpha}", ours, theirs, time.perf_counter() - t0)
+            # the same in float64: separates the algorithm from fp32 rounding (see the notes)
+            base64, models64 = copy.deepcopy(base).double(), [copy.deepcopy(m).double() for m in models]
+            theirs64 = fb_stream(fb, getattr(fb, cls_name), base64, models64, alpha=alpha)
+            rows[-1]["fusion_bench_fp32_vs_fp64"] = max_diff(theirs, theirs64, b)["max_abs_diff"]
+            t0 = time.perf_counter()
+            ours64 = sm.merge("opcm", base=base64, models=[sd(m) for m in models64], alpha=alpha)
+            row("opcm", f"fusion-bench {cls_name}, α={alpha}, float64", ours64, theirs64, time.perf_counter() - t0)
     theirs = fb_stream(fb, fb.OPCMForCLIP, base, models, alpha=0.5, shuffle_order=True, seed=3)
     t0 = time.perf_counter()
     ours = sm.merge("opcm", base=b, models=ms, alpha=0.5, shuffle_order=True, seed=3)  # state dict: name heuristic
@@ -160,18 +191,38 @@ def cases(fb, kind: str, n: int) -> list[dict]:
     return rows
 
 
+NOTES = [
+    "- TIES (`trim=\"model\"`): the one difference is how many entries the top-k keeps. The official TIES code and "
+    "FusionBench's `topk_values_mask` threshold at `kthvalue(n − ⌊k·n⌋)`, i.e. keep ⌊k·n⌋ + 1 entries per flattened "
+    "task vector; ours (`_sparsify.magnitude_threshold`) keeps ⌊k·n⌋, so one entry per task vector (the one at the "
+    "threshold) is dropped. The *diagnosis* rows swap the official count into ours: difference 0.",
+    "- OPCM in fp32: the algorithm is the same (the float64 rows agree to ~1e-15). Zeroing u_iᵀ τ v_i on every "
+    "singular pair of the merged update is ill-conditioned where its singular values are close (the bulk of a random "
+    "task vector), so fp32 rounding moves the result by ~1e-6: FusionBench's own fp32 result is up to 3.6e-6 away "
+    "from its float64 result (column *FusionBench fp32 vs fp64*), more than ours is from it. Ours uses a thin SVD "
+    "(FusionBench: full m×m, n×n factors); a full-SVD variant of ours lands 5.7e-7 from FusionBench's fp32 result "
+    "but no closer to the float64 one (3.4e-6), so the thin form is kept.",
+    "- `fusion_bench.method.opcm` imports the CLIP task pool, which fails under transformers 5; the script registers "
+    "a stand-in for that module (used only for evaluation, off here) when the real one fails.",
+]
+
+
 def markdown(rows: list[dict], meta: dict) -> str:
     lines = [
         "# subspaces merges vs FusionBench (CPU, fp32)", "",
         f"fusion-bench {meta['fusion_bench']}, torch {meta['torch']}, transformers {meta['transformers']}. "
         f"max |ours − FusionBench| over all tensors; target ≤ {TOL:g}. Max |update| = max |θ_merged − θ₀| "
         "(FusionBench's), for scale. Generated by `benchmarks/merge_vs_fusion_bench.py`.", "",
-        "| model | T | method | setting | max abs diff | max abs update | worst tensor | pass |",
-        "|---|---|---|---|---|---|---|---|",
+        "| model | T | method | setting | max abs diff | max abs update | FusionBench fp32 vs fp64 | worst tensor "
+        "| pass |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        fp64_gap = f"{r['fusion_bench_fp32_vs_fp64']:.2e}" if "fusion_bench_fp32_vs_fp64" in r else ""
+        ok = "yes" if r["pass"] else "NO"
         lines.append(f"| {r['model']} | {r['T']} | {r['method']} | {r['setting']} | {r['max_abs_diff']:.2e} | "
-                     f"{r['max_abs_update']:.2e} | `{r['worst_tensor']}` | {'yes' if r['pass'] else 'NO'} |")
+                     f"{r['max_abs_update']:.2e} | {fp64_gap} | `{r['worst_tensor']}` | {ok} |")
+    lines += ["", "Notes:", "", *NOTES]
     return "\n".join(lines) + "\n"
 
 

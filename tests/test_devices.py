@@ -85,3 +85,21 @@ def test_compress_method_on_device_and_dtype(method, dtype, device):
     assert torch.isfinite(out.float()).all() and out.device.type == device
     assert {p.device.type for p in model.parameters()} == {device}
     assert {p.dtype for p in model.parameters() if p.is_floating_point()} <= {dtype, torch.float32}
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "breadcrumbs", "model_stock"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_tensor_merge_on_device_and_dtype(method, dtype, device):
+    """The arithmetic runs on ``device`` in float32; the merged tensors match the CPU merge and keep the dtype."""
+    import subspaces.merge  # noqa: F401
+
+    base = {k: v.to(dtype) for k, v in llama_causal(0).state_dict().items()}
+    models = [{k: v.to(dtype) for k, v in llama_causal(s).state_dict().items()} for s in (1, 2, 3)]
+    hp = {"density": 0.5} if method in ("ties", "dare_ties", "breadcrumbs") else {}
+    on_device = ss.merge(method, base=base, models=models, device=device, **hp)
+    on_cpu = ss.merge(method, base=base, models=models, **hp)
+    for k, v in on_cpu.items():
+        assert on_device[k].dtype == dtype and on_device[k].device.type == "cpu"
+        if method != "dare_ties":  # CUDA draws other random masks than the CPU
+            torch.testing.assert_close(on_device[k].float(), v.float(), rtol=0, atol=TOL[dtype])

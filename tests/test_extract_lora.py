@@ -154,15 +154,30 @@ def test_cli_whitened_full_rank_loads_in_peft(folders, tmp_path):
     (["--finetuned", "{root}/missing", "--rank", "2"], "config.json"),
 ])
 def test_cli_bad_input_exits_2_and_writes_nothing(folders, tmp_path, monkeypatch, capsys, args, message):
-    from subspaces.cli import main
-
     out = tmp_path / "lora"
     fill = {"ft": folders / "ft", "wide": folders / "wide", "calib": folders / "calib.txt", "root": folders}
     argv = ["extract-lora", "--base", folders / "base", *[a.format(**fill) for a in args], "--device", "cpu", out]
-    monkeypatch.setattr(sys, "argv", ["subspaces", *map(str, argv)])  # in process: the subprocess path is above
-    with pytest.raises(SystemExit) as exit_:
-        main()
-    err = capsys.readouterr().err
-    assert exit_.value.code == 2 and message.lower() in err.lower(), err
+    code, err = run_main(monkeypatch, capsys, argv)
+    assert code == 2 and message.lower() in err.lower(), err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir()]  # no temporary folder left behind either
+
+
+def test_cli_refuses_an_existing_output(folders, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "lora"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    argv = ["extract-lora", "--base", folders / "base", "--finetuned", folders / "ft", "--rank", "2", out]
+    code, err = run_main(monkeypatch, capsys, argv)
+    assert code == 2 and "already exists" in err
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def run_main(monkeypatch, capsys, argv) -> tuple[int, str]:
+    """`subspaces ...` in process (the subprocess path is tested above): exit code and stderr."""
+    from subspaces.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["subspaces", *map(str, argv)])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    return exit_.value.code, capsys.readouterr().err

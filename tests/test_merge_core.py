@@ -166,3 +166,31 @@ def test_mergekit_yaml_reader():
         from_mergekit({**cfg, "models": [{"model": "x", "parameters": {"densty": 0.3}}]})
     with pytest.raises(SubspacesError, match="needs a 'weight'"):
         from_mergekit({"merge_method": "task_arithmetic", "base_model": "b", "models": [{"model": "x"}]})
+
+
+@pytest.mark.parametrize("method, hp", [("ties", {"density": [0.3, 0.6], "weights": [1.0, 0.5]}),
+                                        ("ties", {"density": 0.2, "consensus": "count", "normalize": False}),
+                                        ("task_arithmetic", {"scaling": 0.4}), ("linear", {})])
+def test_blocks_of_rows_give_the_same_tensors(folders, tmp_path, monkeypatch, method, hp):
+    """Large tensors are merged in blocks of rows (here: every tensor, 5 entries a block) with whole-tensor
+    statistics first; the result equals the whole-tensor merge bit for bit."""
+    import subspaces.merge._core as core
+
+    base_dir, model_dirs, base, models = folders
+    want = ss.merge(method, base=base, models=models, **hp)
+    monkeypatch.setattr(core, "BLOCK_ELEMENTS", 5)
+    got = ss.merge.load_state_dict(ss.merge(method, base=base_dir, models=model_dirs, out=tmp_path / "o", **hp))
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
+
+
+def test_streamed_kth_largest_equals_kthvalue():
+    from subspaces.merge._sparsify import kth_largest_abs
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(10_000, generator=g) * torch.logspace(-8, 2, 10_000)
+    x[::7] = 0.0
+    x[1:5] = 3.25  # ties
+    blocks = lambda: ([b] for b in x.split(333))  # noqa: E731
+    for k in (1, 2, 5, 137, 4321, 10_000):
+        assert kth_largest_abs(blocks, [k]) == [x.abs().kthvalue(10_000 - k + 1).values.item()], k

@@ -124,7 +124,7 @@ def test_ties_model_scope_trims_over_the_whole_task_vector():
     per_tensor = ss.merge("ties", base=base, models=[model], density=0.5)
     whole = ss.merge("ties", base=base, models=[model], density=0.5, trim="model")
     assert int((per_tensor["b"] != 0).sum()) == 5
-    assert int((whole["b"] != 0).sum()) == 0 and int((whole["a"] != 0).sum()) == 10
+    assert int((whole["b"] != 0).sum()) == 1 and int((whole["a"] != 0).sum()) == 10  # official count: ⌊kP⌋ + 1
 
 
 def test_dare_unbiased_and_exact_rescale():
@@ -178,3 +178,14 @@ def test_linear_without_base_is_the_average():
     want = (models[0]["layer.weight"] + models[1]["layer.weight"] + 2 * models[2]["layer.weight"]) / 4
     assert torch.allclose(out["layer.weight"], want, atol=1e-6)
     assert torch.equal(out["ids"], models[0]["ids"])
+
+
+@pytest.mark.parametrize("method", [e.name for e in MERGE.entries()])
+def test_every_merge_method_declares_its_kind_and_cites_its_paper(method):
+    entry = MERGE.get(method)
+    kind = getattr(entry.obj, "kind", None)
+    assert kind in ("tensor", "learned", "stream", "lora", "inference")
+    assert kind == "tensor" or callable(getattr(entry.obj, "run", None))
+    module = __import__(entry.obj.__module__, fromlist=["_"])
+    assert entry.paper.startswith("https://arxiv.org/abs/") and entry.paper in module.__doc__
+    assert entry.status == "complete" or entry.note

@@ -96,7 +96,7 @@ def reference_projection(delta: torch.Tensor, tau: torch.Tensor, alpha: float) -
 @pytest.mark.parametrize("alpha", [0.0, 0.5, 0.9])
 def test_projection_kills_protected_block_and_diagonal(shape, alpha):
     g = torch.Generator().manual_seed(0)
-    delta, tau = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
+    delta, tau = (torch.randn(shape, generator=g, dtype=torch.float64) for _ in range(2))
     clean = project(delta, tau, alpha)
     U, s, Vh = torch.linalg.svd(delta, full_matrices=False)
     k = split_rank(s, alpha)
@@ -186,7 +186,7 @@ def test_constant_memory_models_are_released_and_state_is_fixed(sds):
             refs.append(weakref.ref(sd["fc1.weight"]))
             yield sd
 
-    for sd in sm.merge_stream("opcm", base=base, models=arriving(8)):
+    for sd in sm.merge_stream("opcm", base=base, models=arriving(5)):
         step = sd.step
         del sd
         gc.collect()

@@ -17,8 +17,10 @@ def test_import_loads_no_heavy_dependency():
 
 def test_public_api():
     for name in ("adapt_", "fold_", "unadapt_", "adapters_disabled", "adapter_parameters", "save_adapter",
-                 "load_adapter", "list_methods", "inspect_targets", "SubspacesError"):
+                 "load_adapter", "list_methods", "inspect_targets", "SubspacesError", "merge", "merge_stream",
+                 "compress_"):
         assert name in ss.__all__ and callable(getattr(ss, name))
+    assert callable(ss.merge.ties)  # the merge package is callable: ss.merge(...) and ss.merge.<method>
     assert ss.measure.effective_rank is not None and ss.linalg.truncated_svd is not None
 
 

@@ -22,6 +22,7 @@ from .adapters._core import (
 from .adapters._saving import load_adapter, save_adapter
 from .compress._core import compress_
 from .integrations.peft import export_lora
+from .merge._stream import merge_stream
 
 _LAZY = ("adapters", "optim", "compress", "merge", "nn", "linalg", "measure", "models", "data", "integrations")
 
@@ -36,6 +37,7 @@ __all__ = [
     "inspect_targets",
     "list_methods",
     "load_adapter",
+    "merge_stream",
     "save_adapter",
     "truncate_",
     "unadapt_",

@@ -14,8 +14,9 @@ reproducible whatever the order or sharding of the inputs.
 from __future__ import annotations
 
 import inspect
+import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,9 @@ from .._registry import MERGE
 from ._io import SHARD_BYTES, Source, check_new_output, open_model, write_model
 
 PER_MODEL = ("weights", "density")
+# Tensors larger than this are merged in blocks of rows when the method allows it (see _TensorMerge.streamed), so
+# the working set stays near (T + 2) blocks however large the embedding matrix is.
+BLOCK_ELEMENTS = 1 << 20
 _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
@@ -52,8 +56,10 @@ def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
 
 
 def schema(fn) -> dict[str, Any]:
-    """The hyperparameters of a tensor-wise method: its keyword-only parameters and defaults."""
-    return {p.name: p.default for p in inspect.signature(fn).parameters.values() if p.kind is p.KEYWORD_ONLY}
+    """The hyperparameters of a tensor-wise method: its keyword-only parameters and defaults (a leading underscore
+    marks what the core fills in)."""
+    return {p.name: p.default for p in inspect.signature(fn).parameters.values()
+            if p.kind is p.KEYWORD_ONLY and not p.name.startswith("_")}
 
 
 def _check_hyperparameters(method: str, fn, hp: dict[str, Any], n: int) -> dict[str, Any]:
@@ -124,13 +130,15 @@ class _TensorMerge:
     def specs(self) -> list[tuple[str, tuple[int, ...], torch.dtype]]:
         return [(k, self.ref.shape(k), self.out_dtype(k)) for k in self.ref.keys()]
 
-    def inputs(self, key: str) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def inputs(self, key: str, start: int | None = None, stop: int | None = None):
+        """(θ₀, [δ_t]) of one tensor, or of its rows start:stop, in the working precision on the device."""
         work = torch.float64 if self.ref.dtype(key) == torch.float64 else torch.float32
+        read = (lambda src: src.get(key)) if start is None else (lambda src: src.rows(key, start, stop))
         # copy=True: in-memory inputs are the user's tensors and are updated in place below
-        thetas = [m.get(key).to(self.device, work, copy=True) for m in self.models]
+        thetas = [read(m).to(self.device, work, copy=True) for m in self.models]
         if self.base is None:  # linear without a base: "task vectors" against zero
             return torch.zeros_like(thetas[0]), thetas
-        b = self.base.get(key).to(self.device, work)
+        b = read(self.base).to(self.device, work)
         return b, [t.sub_(b) for t in thetas]
 
     def float_keys(self) -> list[str]:
@@ -145,6 +153,32 @@ class _TensorMerge:
             kw["generator"] = _generator(self.seed, key, self.device)
         return self.fn(base, deltas, **kw).to(self.out_dtype(key)).cpu()
 
+    def streamed(self, key: str) -> torch.Tensor | Iterator[torch.Tensor]:
+        """The merged tensor, or for a large tensor of a row-wise method an iterator over blocks of its rows: the
+        method gets its whole-tensor statistics first (``tensor_stats``, from streamed blocks), then each block."""
+        shape = self.ref.shape(key)
+        numel = math.prod(shape)
+        if (not getattr(self.fn, "rowwise", False) or numel <= BLOCK_ELEMENTS or len(shape) < 2
+                or self.ref.dtype(key) == torch.float64):
+            return self(key)
+        step = max(1, BLOCK_ELEMENTS // (numel // shape[0]))
+        blocks = _Blocks(lambda: (self.inputs(key, a, a + step) for a in range(0, shape[0], step)), numel,
+                         len(self.models))
+        kw = dict(self.hp)
+        if hasattr(self.fn, "tensor_stats"):
+            kw.update(self.fn.tensor_stats(blocks, **kw))
+        return (self.fn(b, d, **kw).to(self.out_dtype(key)).cpu() for b, d in blocks())
+
+
+class _Blocks:
+    """A re-iterable stream of (base rows, [δ_t rows]) over one tensor, with its size."""
+
+    def __init__(self, make: Callable[[], Iterator], numel: int, n_models: int) -> None:
+        self.make, self.numel, self.n_models = make, numel, n_models
+
+    def __call__(self) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+        return self.make()
+
 
 def _describe(x: Any, what: str) -> str:
     return str(x) if isinstance(x, (str, Path)) else f"<in-memory {what}>"
@@ -156,8 +190,9 @@ def merge(method: str, *, base: Any = None, models: Sequence[Any], out: str | Pa
           **hyperparameters: Any) -> dict[str, torch.Tensor] | Any:
     """Merge fine-tuned ``models`` (paths, state dicts or modules) with ``method`` against ``base``.
 
-    Returns the merged state dict, or, with ``out``, writes a Hugging Face folder there (sharded safetensors, the
-    base's config and tokenizer files, ``merge_config.json``) and returns its path. ``dtype`` casts every input to one
+    Returns the merged state dict (LoRA merges: the merged adapter; ``logit_fusion``: the fused model), or, with
+    ``out``, writes a Hugging Face folder there (sharded safetensors, the base's config and tokenizer files,
+    ``merge_config.json``; a PEFT folder for LoRA merges) and returns its path. ``dtype`` casts every input to one
     dtype (mixed dtypes are refused without it); the arithmetic runs in float32 on ``device``. ``shard_bytes`` caps
     each output shard; ``extra_files`` (name -> text) are written beside the weights.
     Methods and their hyperparameters: ``subspaces methods`` / ``ss.list_methods()``.
@@ -165,8 +200,11 @@ def merge(method: str, *, base: Any = None, models: Sequence[Any], out: str | Pa
     import subspaces.merge  # noqa: F401  (importing registers the methods)
 
     fn = MERGE.get(method).obj
-    if getattr(fn, "kind", "tensor") != "tensor":
-        return fn.run(base=base, models=models, out=out, **hyperparameters)
+    if getattr(fn, "kind", "tensor") != "tensor":  # learned, stream, lora, inference: the method's own run
+        given = {"dtype": dtype, "device": None if str(device) == "cpu" else device, "progress": progress or None}
+        result = fn.run(base=base, models=models, out=out, **{k: v for k, v in given.items() if v is not None},
+                        **hyperparameters)
+        return Path(out) if out is not None else result
     if out is not None:
         check_new_output(out)
     job = _TensorMerge(method, fn, base, list(models), hyperparameters, dtype, device)
@@ -187,7 +225,7 @@ def merge(method: str, *, base: Any = None, models: Sequence[Any], out: str | Pa
                   "models": [_describe(m, f"model {i}") for i, m in enumerate(models)],
                   "dtype": str(job.dtype).removeprefix("torch.") if job.dtype else None}
         like = job.base.folder if job.base is not None else job.models[0].folder
-        return write_model(out, ((k, job(k)) for k in keys), specs=job.specs(), like=like, config=config,
+        return write_model(out, ((k, job.streamed(k)) for k in keys), specs=job.specs(), like=like, config=config,
                            shard_bytes=shard_bytes, extra_files=extra_files, progress=bar)
     finally:
         if bar is not None:

@@ -12,6 +12,7 @@ and ``merge_config.json``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -40,7 +41,8 @@ SHARD_BYTES = 2 * 1024**3
 
 
 class Source:
-    """One model's tensors, read lazily. ``keys()`` keeps the file order; ``get`` loads one tensor."""
+    """One model's tensors, read lazily. ``keys()`` keeps the file order; ``get`` loads one tensor, ``rows`` a range
+    of its rows (along dim 0)."""
 
     def __init__(self, name: str, folder: Path | None = None) -> None:
         self.name, self.folder = name, folder
@@ -55,7 +57,14 @@ class Source:
     def dtype(self, key: str) -> torch.dtype:
         return self._meta[key][1]
 
-    def get(self, key: str) -> torch.Tensor:  # pragma: no cover - overridden
+    def get(self, key: str) -> torch.Tensor:
+        shape = self.shape(key)
+        return self.rows(key, 0, shape[0]) if shape else self._scalar(key)
+
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    def _scalar(self, key: str) -> torch.Tensor:  # pragma: no cover - overridden
         raise NotImplementedError
 
 
@@ -71,39 +80,66 @@ class _Memory(Source):
     def get(self, key: str) -> torch.Tensor:
         return self._tensors[key].detach()
 
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        return self._tensors[key].detach()[start:stop]
+
 
 class _Safetensors(Source):
+    """Reads with plain ``readinto`` at the recorded offsets rather than a memory map: mapped pages of every input
+    would otherwise stay resident (and count in RSS) until the end of a merge."""
+
     def __init__(self, name: str, files: list[Path], folder: Path | None) -> None:
         super().__init__(name, folder)
-        self._where: dict[str, Path] = {}
-        self._handles: dict[Path, Any] = {}
+        self._where: dict[str, tuple[Path, int]] = {}
         for f in files:
-            header = _read_header(f)
+            header, data_start = _read_header(f)
+            size = f.stat().st_size
             for k, info in header.items():
                 if k == "__metadata__":
                     continue
-                if info["dtype"] not in _DTYPES:
-                    raise SubspacesError(f"{f}: tensor {k!r} has dtype {info['dtype']}, which merging does not support")
-                self._meta[k] = (tuple(info["shape"]), _DTYPES[info["dtype"]])
-                self._where[k] = f
+                if not isinstance(info, dict) or info.get("dtype") not in _DTYPES:
+                    raise SubspacesError(f"{f}: tensor {k!r} has a dtype merging does not support ({info!r:.80})")
+                try:
+                    shape, dtype = tuple(int(d) for d in info["shape"]), _DTYPES[info["dtype"]]
+                    begin, end = (int(o) for o in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise SubspacesError(f"cannot read {f}: malformed entry for tensor {k!r}") from None
+                if end - begin != _nbytes(shape, dtype) or data_start + end > size:
+                    raise SubspacesError(f"cannot read {f}: tensor {k!r} does not fit the file (truncated?)")
+                self._meta[k] = (shape, dtype)
+                self._where[k] = (f, data_start + begin)
 
-    def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
+    def _read(self, key: str, offset: int, shape: tuple[int, ...]) -> torch.Tensor:
+        f, start = self._where[key]
+        out = torch.empty(shape, dtype=self.dtype(key))
+        if out.numel():
+            with open(f, "rb") as fh:
+                fh.seek(start + offset)
+                fh.readinto(memoryview(out.reshape(-1).view(torch.uint8).numpy()))
+        return out
 
-        f = self._where[key]
-        if f not in self._handles:
-            self._handles[f] = safe_open(str(f), framework="pt")
-        return self._handles[f].get_tensor(key)
+    def rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        shape = self.shape(key)
+        stop = min(stop, shape[0])
+        row = _nbytes(shape[1:], self.dtype(key))
+        return self._read(key, start * row, (max(stop - start, 0), *shape[1:]))
+
+    def _scalar(self, key: str) -> torch.Tensor:
+        return self._read(key, 0, ())
 
 
-def _read_header(f: Path) -> dict:
+def _read_header(f: Path) -> tuple[dict, int]:
+    """The safetensors header and where the data starts."""
     try:
         with open(f, "rb") as fh:
             (n,) = struct.unpack("<Q", fh.read(8))
             if n > 100 * 1024**2:
                 raise ValueError("header too large")
-            return json.loads(fh.read(n))
-    except (OSError, ValueError, struct.error) as e:
+            header = json.loads(fh.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return header, 8 + n
+    except (OSError, ValueError, KeyError, struct.error) as e:
         raise SubspacesError(f"cannot read {f}: not a valid safetensors file ({e})") from None
 
 
@@ -193,7 +229,8 @@ def _tensor_bytes(t: torch.Tensor) -> memoryview:
 def write_shards(folder: Path, specs: list[tuple[str, tuple[int, ...], torch.dtype]],
                  tensors: Iterator[tuple[str, torch.Tensor]], *, shard_bytes: int = SHARD_BYTES,
                  progress: Any = None) -> list[str]:
-    """Write tensors (in the order of ``specs``) into safetensors shards under ``folder``; return the file names."""
+    """Write tensors (in the order of ``specs``) into safetensors shards under ``folder``; return the file names.
+    Each item is (name, tensor) or (name, iterator over blocks of the tensor's rows)."""
     plan = _plan(specs, shard_bytes)
     n = len(plan)
     names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -204,9 +241,15 @@ def write_shards(folder: Path, specs: list[tuple[str, tuple[int, ...], torch.dty
             fh.write(_shard_header(shard_specs, {"format": "pt"}))
             for name, shape, dtype in shard_specs:
                 got_name, t = next(tensors)
-                if got_name != name or tuple(t.shape) != shape or t.dtype != dtype:
-                    raise AssertionError(f"planned {name} {shape} {dtype}, got {got_name} {tuple(t.shape)} {t.dtype}")
-                fh.write(_tensor_bytes(t))
+                written = 0
+                for block in [t] if isinstance(t, torch.Tensor) else t:  # a tensor or blocks of its rows
+                    if got_name != name or tuple(block.shape[1:]) != shape[1:] or block.dtype != dtype:
+                        raise AssertionError(f"planned {name} {shape} {dtype}, got {got_name} {tuple(block.shape)} "
+                                             f"{block.dtype}")
+                    fh.write(_tensor_bytes(block))
+                    written += block.numel()
+                if written != math.prod(shape):
+                    raise AssertionError(f"{name}: wrote {written} of {math.prod(shape)} entries")
                 weight_map[name] = fname
                 if progress is not None:
                     progress.update(1)

@@ -8,7 +8,6 @@ Out: one PEFT LoRA folder, written atomically, every module at scale 1 (the scal
 """
 from __future__ import annotations
 
-import inspect
 import math
 import re
 from collections import Counter
@@ -21,6 +20,7 @@ from torch import Tensor, nn
 from .._errors import SubspacesError
 from .._io import atomic_dir, read_json, read_safetensors, write_json, write_safetensors
 from ..integrations.peft import _UNSUPPORTED, CONFIG, PREFIX, WEIGHTS, _pattern_value, _suffixes, to_peft
+from ._io import check_new_output
 
 _KEY = re.compile(r"(.+)\.lora_(embedding_)?([AB])(?:\.weight)?")
 
@@ -43,7 +43,7 @@ class PeftLoRA(NamedTuple):
 class LoRASet(NamedTuple):
     modules: dict[str, Factors]
     fan_in_fan_out: bool
-    base: str | None
+    base: str | None  # base_model_name_or_path
     source: str
 
 
@@ -136,34 +136,14 @@ def read_loras(models: Any) -> list[LoRASet]:
             g = ref.modules[n]
             if (f.A.shape[1:], f.B.shape[0], f.B.shape[2:], f.embedding) != \
                     (g.A.shape[1:], g.B.shape[0], g.B.shape[2:], g.embedding):
-                raise SubspacesError(f"module {n!r}: {s.source} has ΔW of shape {_shape(f)}, {ref.source} "
-                                     f"{_shape(g)} (adapters of different base models?)")
+                shapes = [(x.B.shape[0], *x.A.shape[1:]) for x in (f, g)]
+                raise SubspacesError(f"module {n!r}: ΔW has shape {shapes[0]} in {s.source} but {shapes[1]} in "
+                                     f"{ref.source} (adapters of different base models?)")
         if s.fan_in_fan_out != ref.fan_in_fan_out:
             raise SubspacesError(f"{s.source} and {ref.source} disagree on fan_in_fan_out")
         if s.base and ref.base and s.base != ref.base:
             raise SubspacesError(f"{s.source} was trained on {s.base!r}, {ref.source} on {ref.base!r}")
     return sets
-
-
-def _shape(f: Factors) -> tuple[int, ...]:
-    return (f.B.shape[0], *f.A.shape[1:])
-
-
-def check_weights(weights: Any, n: int, method: str) -> list[float]:
-    if weights is None:
-        return [1.0] * n
-    values = list(weights) if isinstance(weights, (list, tuple)) else [weights] * n
-    if len(values) != n or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-                                   for v in values):
-        raise SubspacesError(f"{method}: weights={weights!r} must be one finite number or one per adapter ({n})")
-    return [float(v) for v in values]
-
-
-def work_dtype(sets: list[LoRASet]) -> tuple[torch.dtype, torch.dtype]:
-    """(compute dtype: float32 at least, output dtype: the inputs' common dtype)."""
-    dtypes = {t.dtype for s in sets for f in s.modules.values() for t in (f.A, f.B)}
-    out = dtypes.pop() if len(dtypes) == 1 else torch.float32
-    return torch.promote_types(out, torch.float32), out
 
 
 def build(modules: dict[str, tuple[Tensor, Tensor]], *, fan_in_fan_out: bool = False, base: str | None = None,
@@ -177,63 +157,19 @@ def build(modules: dict[str, tuple[Tensor, Tensor]], *, fan_in_fan_out: bool = F
         ranks[name] = int(A.shape[0])
     r = Counter(ranks.values()).most_common(1)[0][0]
     other = {f"^{re.escape(n)}": v for n, v in ranks.items() if v != r}
-    config = {"peft_type": "LORA", "task_type": None, "base_model_name_or_path": base, "r": r, "lora_alpha": r,
-              "lora_dropout": 0.0, "target_modules": sorted(ranks), "exclude_modules": None, "rank_pattern": other,
-              "alpha_pattern": dict(other), "use_rslora": False, "fan_in_fan_out": fan_in_fan_out, "bias": "none",
-              "init_lora_weights": True, "modules_to_save": None, "inference_mode": True, "use_dora": False,
-              "lora_bias": False}
+    config = dict(peft_type="LORA", task_type=None, base_model_name_or_path=base, r=r, lora_alpha=r, lora_dropout=0.0,
+                  target_modules=sorted(ranks), exclude_modules=None, rank_pattern=other, alpha_pattern=dict(other),
+                  use_rslora=False, fan_in_fan_out=fan_in_fan_out, bias="none", init_lora_weights=True,
+                  modules_to_save=None, inference_mode=True, use_dora=False, lora_bias=False)
     return PeftLoRA(tensors, config, report or [])
 
 
 def write_peft(out: Any, lora: PeftLoRA, *, info: dict[str, Any] | None = None, info_name: str = "merge_config.json"
                ) -> Path:
     """Write ``lora`` as a new PEFT folder ``out`` (refused if it exists); ``info`` goes to ``info_name``."""
-    from ._io import check_new_output
-
     out = check_new_output(out)
     with atomic_dir(out) as tmp:
         write_safetensors(tmp / WEIGHTS, lora.state_dict, metadata={"format": "pt"})
         write_json(tmp / CONFIG, lora.config)
         write_json(tmp / info_name, {**(info or {}), "report": lora.report})
     return out
-
-
-def finish(method: str, sets: list[LoRASet], merged: dict, report: list[dict], *, dtype: torch.dtype, base: Any,
-           out: Any, models: Any, hp: dict[str, Any]) -> PeftLoRA:
-    """The merged ``{module: (A, B)}`` as a PeftLoRA in the inputs' layout; written to ``out`` when given."""
-    embedding = {n for n, f in sets[0].modules.items() if f.embedding}
-    name = str(base) if isinstance(base, (str, Path)) else sets[0].base
-    result = build(merged, fan_in_fan_out=sets[0].fan_in_fan_out, base=name, embedding=embedding, dtype=dtype,
-                   report=report)
-    if out is not None:
-        described = [str(m) if isinstance(m, (str, Path)) else f"<in-memory {type(m).__name__}>" for m in models]
-        write_peft(out, result, info={"method": method, "hyperparameters": hp, "models": described})
-    return result
-
-
-def check_out(out: Any) -> None:
-    if out is not None:
-        from ._io import check_new_output
-
-        check_new_output(out)
-
-
-class LoRAMethod:
-    """Registry entry of a LoRA merge: ``run`` checks the hyperparameters against ``fn``'s keyword-only
-    parameters (those without a default are required) and calls ``fn(models, base=, out=, **hp)``."""
-
-    kind = "lora"
-    fn: Any
-
-    @classmethod
-    def run(cls, *, base: Any = None, models: Any, out: Any = None, **hp: Any) -> PeftLoRA:
-        params = {p.name: p for p in inspect.signature(cls.fn).parameters.values()
-                  if p.kind is p.KEYWORD_ONLY and p.name not in ("base", "out")}
-        name = cls.registry_name
-        unknown = sorted(set(hp) - set(params))
-        if unknown:
-            raise SubspacesError(f"{name}: unknown hyperparameter {unknown[0]!r}; valid: {', '.join(sorted(params))}")
-        missing = [n for n, p in params.items() if p.default is p.empty and n not in hp]
-        if missing:
-            raise SubspacesError(f"{name}: {missing[0]} is required")
-        return cls.fn(models, base=base, out=out, **hp)

@@ -28,7 +28,8 @@ from .._errors import SubspacesError
 from .._targets import Selector, select
 from ..adapters._core import check_int, linear_dims, master_dtype
 from ..linalg import truncated_svd
-from ._lora import PeftLoRA, build, check_out, write_peft
+from ._lora import PeftLoRA, build, write_peft
+from ._lora_method import check_out
 
 
 def _load(x: Any, what: str) -> nn.Module:

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 from .._registry import MERGE
-from ._lora import LoRAMethod, PeftLoRA, check_out, check_weights, finish, read_loras, work_dtype
+from ._lora import PeftLoRA, read_loras
+from ._lora_method import LoRAMethod, check_out, check_weights, factors, finish, work_dtype
 
 
 def lora_cat(models: Any, *, weights: Any = None, base: Any = None, out: Any = None) -> PeftLoRA:
@@ -27,11 +28,9 @@ def lora_cat(models: Any, *, weights: Any = None, base: Any = None, out: Any = N
     work, dtype = work_dtype(sets)
     merged, report = {}, []
     for name in sets[0].modules:
-        fs = [s.modules[name] for s in sets]
-        A = torch.cat([f.A.to(work) for f in fs])
-        B = torch.cat([f.B.to(work) * (wi * f.scaling) for f, wi in zip(fs, w)], dim=1)
-        merged[name] = (A, B)
-        report.append({"name": name, "rank": A.shape[0], "relative_error": 0.0})
+        fs = factors(sets, name, w, work)
+        merged[name] = (torch.cat([a for a, _ in fs]), torch.cat([b for _, b in fs], dim=1))
+        report.append({"name": name, "rank": merged[name][0].shape[0], "relative_error": 0.0})
     return finish("lora_cat", sets, merged, report, dtype=dtype, base=base, out=out, models=models,
                   hp={"weights": w})
 

@@ -27,10 +27,12 @@ from torch import Tensor
 from .._errors import SubspacesError
 from .._registry import MERGE
 from ..adapters._core import check_int
-from ._lora import LoRAMethod, PeftLoRA, check_out, check_weights, finish, read_loras, work_dtype
+from ._lora import PeftLoRA, read_loras
+from ._lora_method import LoRAMethod, check_out, check_weights, factors, finish, work_dtype
 
 
-def canonical_units(A: Tensor, B: Tensor, *, balance: bool = True, canonical_sign: bool = True) -> tuple[Tensor, Tensor]:
+def canonical_units(A: Tensor, B: Tensor, *, balance: bool = True, canonical_sign: bool = True
+                    ) -> tuple[Tensor, Tensor]:
     """Units (rows of A (M, n), columns of B (m, M)) with ‖a‖ = ‖b‖ and the largest-|·| entry of a positive;
     B A is unchanged (a unit with a zero half becomes all zero)."""
     if balance:
@@ -124,13 +126,10 @@ def lora_lego(models: Any, *, rank: int, weights: Any = None, seed: int = 0, ite
     w = check_weights(weights, len(sets), "lora_lego")
     work, dtype = work_dtype(sets)
     merged, report = {}, []
-    for name, ref in sets[0].modules.items():
-        fs = [s.modules[name] for s in sets]
-        As = [f.A.flatten(1).to(work) for f in fs]
-        Bs = [f.B.flatten(1).to(work) * (wi * f.scaling) for f, wi in zip(fs, w)]
-        A, B, info = lego(As, Bs, rank, seed=seed, iters=iters, **flags)
-        k = A.shape[0]
-        merged[name] = (A.reshape(k, *ref.A.shape[1:]), B.reshape(ref.B.shape[0], k, *ref.B.shape[2:]))
+    for name in sets[0].modules:
+        fs = factors(sets, name, w, work)
+        A, B, info = lego([a for a, _ in fs], [b for _, b in fs], rank, seed=seed, iters=iters, **flags)
+        merged[name] = (A, B)
         report.append({"name": name, **info})
     return finish("lora_lego", sets, merged, report, dtype=dtype, base=base, out=out, models=models,
                   hp={"rank": rank, "weights": w, "seed": seed, "iters": iters, **flags})

@@ -22,7 +22,8 @@ from torch import Tensor
 
 from .._errors import SubspacesError
 from .._registry import MERGE
-from ._lora import LoRAMethod, PeftLoRA, check_out, check_weights, finish, read_loras, work_dtype
+from ._lora import PeftLoRA, read_loras
+from ._lora_method import LoRAMethod, check_out, check_weights, factors, finish, work_dtype
 
 
 def product_svd(B: Tensor, A: Tensor, rank: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -48,15 +49,13 @@ def lora_svd(models: Any, *, rank: int, weights: Any = None, base: Any = None, o
     w = check_weights(weights, len(sets), "lora_svd")
     work, dtype = work_dtype(sets)
     merged, report = {}, []
-    for name, ref in sets[0].modules.items():
-        fs = [s.modules[name] for s in sets]
-        A = torch.cat([f.A.flatten(1).to(work) for f in fs])
-        B = torch.cat([f.B.flatten(1).to(work) * (wi * f.scaling) for f, wi in zip(fs, w)], dim=1)
-        Bn, An, S = product_svd(B, A, rank)
-        k = An.shape[0]
-        err = float(S[k:].norm() / S.norm()) if float(S.norm()) > 0 else 0.0
-        merged[name] = (An.reshape(k, *ref.A.shape[1:]), Bn.reshape(ref.B.shape[0], k, *ref.B.shape[2:]))
-        report.append({"name": name, "rank": k, "relative_error": err})
+    for name in sets[0].modules:
+        fs = factors(sets, name, w, work)
+        B, A, S = product_svd(torch.cat([b for _, b in fs], dim=1), torch.cat([a for a, _ in fs]), rank)
+        k = A.shape[0]
+        merged[name] = (A, B)
+        report.append({"name": name, "rank": k, "relative_error": float(S[k:].norm() / S.norm()) if S.norm() > 0
+                       else 0.0})
     return finish("lora_svd", sets, merged, report, dtype=dtype, base=base, out=out, models=models,
                   hp={"rank": rank, "weights": w})
 
