@@ -407,9 +407,9 @@ def main() -> None:
               else args.methods.split(","))
     ident = list(range(len(names)))
     perm, rng = list(ident), random.Random(args.seed)
-    while perm in (ident, ident[::-1]):
+    while len(names) > 2 and perm in (ident, ident[::-1]):
         rng.shuffle(perm)
-    orders = [ident, ident[::-1], perm]
+    orders = [ident, ident[::-1], perm] if len(names) > 2 else [ident, ident[::-1]][: len(names)]
     learned = None
     for name in wanted:
         if name not in registered:

@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """TIES over 3 SmolLM2-sized checkpoints: `subspaces merge` vs `mergekit-yaml`, wall time and peak RSS, same run.
 
-The checkpoints: SmolLM2-135M-Instruct (the embedded default, bf16 Hugging Face folder, 134.5M parameters) and three
+The checkpoints: SmolLM2-135M-Instruct (the embedded default, 134.5M parameters, saved in ``--dtype``) and three
 "fine-tuned" variants made by adding seeded Gaussian noise (0.01 × each tensor's std) — merging cost does not depend
 on how the deltas were obtained. Both tools read the same mergekit YAML (ties, density 0.2, weight 1, normalize) and
 write a new folder; each run is a fresh process (`os.wait4` gives its own peak RSS), the two tools alternate for
 ``--repeats`` rounds, and the medians and ratios (subspaces / mergekit; targets: time ≤ 1.0, RSS ≤ 0.5) go to
 benchmarks/results/merge_vs_mergekit.{json,md}. The merged tensors of the two are compared too (mergekit computes in
 the YAML's dtype, bf16 here; subspaces in float32, rounded to bf16 at the end: differences of one bf16 ulp are
-expected, and TIES' top-k and sign votes then differ where the bf16 deltas round differently). A third mergekit run with
-float32 arithmetic checks that.
+expected). A third mergekit run with float32 arithmetic separates that from the one rule that differs: entries tied at
+the trim threshold are all kept by us (as in the TIES code), while mergekit keeps an arbitrary ⌊k·n⌋ of them; bf16
+task vectors take few distinct values, so such ties are common there and absent in float32.
 
     python benchmarks/merge_vs_mergekit.py                # needs mergekit (pip install mergekit)
     python benchmarks/merge_vs_mergekit.py --dtype float32 --repeats 3
@@ -36,27 +37,30 @@ ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
-def make_checkpoints(work: Path, n: int) -> tuple[Path, list[Path]]:
+def make_checkpoints(work: Path, n: int, dtype: torch.dtype) -> tuple[Path, list[Path]]:
+    """SmolLM2 (as ``dtype``) and ``n`` noisy copies, each a Hugging Face folder under ``work``."""
     from safetensors.torch import load_file, save_file
 
     from subspaces.models import smollm2_path
 
-    base = smollm2_path()
-    sd = load_file(str(base / "model.safetensors"))
-    paths = []
-    for i in range(n):
-        folder = work / f"ft{i}"
-        if not (folder / "model.safetensors").is_file():
-            g = torch.Generator().manual_seed(i)
-            noisy = {k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
-                     if v.is_floating_point() else v for k, v in sd.items()}
-            folder.mkdir(parents=True, exist_ok=True)
-            save_file(noisy, str(folder / "model.safetensors"), metadata={"format": "pt"})
-            for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
-                if (base / f).is_file():
-                    shutil.copyfile(base / f, folder / f)
-        paths.append(folder)
-    return base, paths
+    source = smollm2_path()
+    sd = {k: v.to(dtype) if v.is_floating_point() else v
+          for k, v in load_file(str(source / "model.safetensors")).items()}
+    tag = str(dtype).removeprefix("torch.")
+    folders = [work / f"base-{tag}"] + [work / f"ft{i}-{tag}" for i in range(n)]
+    for i, folder in enumerate(folders):
+        if (folder / "model.safetensors").is_file():
+            continue
+        g = torch.Generator().manual_seed(i)
+        tensors = sd if i == 0 else {
+            k: (v.float() + 0.01 * v.float().std() * torch.randn(v.shape, generator=g)).to(v.dtype)
+            if v.is_floating_point() else v for k, v in sd.items()}
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        for f in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+            if (source / f).is_file():
+                shutil.copyfile(source / f, folder / f)
+    return folders[0], folders[1:]
 
 
 def run(cmd: list[str]) -> dict:
@@ -91,7 +95,7 @@ def main() -> None:
     if shutil.which("mergekit-yaml", path=str(BIN)) is None:
         sys.exit("mergekit is not installed in this environment: pip install mergekit")
     work = args.workdir or Path(tempfile.mkdtemp(prefix="merge-bench-"))
-    base, models = make_checkpoints(work, 3)
+    base, models = make_checkpoints(work, 3, getattr(torch, args.dtype))
     import yaml
 
     cfg = {"merge_method": "ties", "base_model": str(base), "dtype": args.dtype, "parameters": {"normalize": True},

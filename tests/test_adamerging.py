@@ -92,7 +92,7 @@ def test_registry_run_dicts_and_out(tmp_path):
     names = ["a", "b"]
     sd = ss.merge("adamerging", base=base, models=dict(zip(names, models)), data=dict(zip(names, data)),
                   logits=dict(zip(names[::-1], hs[::-1])), steps=2, granularity="task", out=tmp_path / "m")
-    assert set(sd) == set(base.state_dict())
+    assert sd == tmp_path / "m" and set(ss.merge.load_state_dict(sd)) == set(base.state_dict())
     cfg = json.loads((tmp_path / "m" / "merge_config.json").read_text())
     assert cfg["method"] == "adamerging" and len(cfg["coefficients"]) == 2
     assert (tmp_path / "m" / "model.safetensors").is_file()

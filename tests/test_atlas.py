@@ -197,6 +197,6 @@ def test_run_through_merge(setup, tmp_path):
     assert accuracy(base, sd, 0) > accuracy(base, base.state_dict(), 0) + 0.3
     out = ss.merge("atlas", base=base, models=[f.state_dict() for f in fts], data=few_shot(*toy(0), 8), epochs=1,
                    out=tmp_path / "m")
-    assert set(out) == set(base.state_dict())
+    assert out == tmp_path / "m" and set(ss.merge.load_state_dict(out)) == set(base.state_dict())
     cfg = json.loads((tmp_path / "m" / "merge_config.json").read_text())
     assert cfg["method"] == "atlas" and len(cfg["coefficients"]) == 2 and len(cfg["blocks"]) == 6

@@ -113,8 +113,8 @@ def test_entropy_goes_down_and_mask_shapes():
 
 def test_bf16_and_registry(tmp_path):
     base, models, hs, data = toy(dtype=torch.bfloat16)
-    sd = ss.merge("concrete", base=base, models=models, data=data, logits=hs, steps=2, out=tmp_path / "m")
-    assert all(v.dtype == torch.bfloat16 for v in sd.values())
+    out = ss.merge("concrete", base=base, models=models, data=data, logits=hs, steps=2, out=tmp_path / "m")
+    assert all(v.dtype == torch.bfloat16 for v in ss.merge.load_state_dict(out).values())
     assert (tmp_path / "m" / "merge_config.json").is_file()
     assert ss.merge.concrete.kind == "learned"
     r = concrete(base, models, data, logits=hs, inner="adamerging", steps=2, adamerging_steps=2)

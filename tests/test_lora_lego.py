@@ -91,7 +91,8 @@ def test_shapes_with_heterogeneous_ranks_and_peft_round_trip(tmp_path):
         ss.save_adapter(m, tmp_path / f"l{seed}", format="peft")
         paths.append(tmp_path / f"l{seed}")
     out = tmp_path / "lego"
-    merged = ss.merge("lora_lego", models=paths, rank=5, out=out)
+    assert ss.merge("lora_lego", models=paths, rank=5, out=out) == out
+    merged = ss.merge("lora_lego", models=paths, rank=5)  # the same merge, in memory: state dict, config, report
     mods = dict(base.named_modules())
     for row in merged.report:
         w = mods[row["name"]].weight

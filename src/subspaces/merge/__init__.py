@@ -10,8 +10,9 @@ from __future__ import annotations
 import sys
 import types
 
-from ._core import merge, parse_dtype, schema, task_vectors
+from ._core import merge, parse_dtype, schema
 from ._io import load_state_dict, open_model, write_model
+from ._learned_inputs import task_vectors
 from ._stream import StreamStep, merge_stream
 from .adamerging import adamerging
 from .atlas import atlas

@@ -34,19 +34,6 @@ _DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torc
                 "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
 
 
-def task_vectors(base: dict[str, torch.Tensor], models: Sequence[dict[str, torch.Tensor]]) -> list[dict]:
-    """θ_t − θ₀ for every floating-point tensor (computed in float32 at least, returned in that precision)."""
-    out = []
-    for sd in models:
-        tv = {}
-        for k, b in base.items():
-            if b.is_floating_point():
-                work = torch.promote_types(b.dtype, torch.float32)
-                tv[k] = sd[k].detach().to(work) - b.detach().to(work)
-        out.append(tv)
-    return out
-
-
 def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype

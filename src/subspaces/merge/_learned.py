@@ -1,11 +1,11 @@
-"""Shared machinery of the learned merges (AdaMerging, Concrete; usable by aTLAS): merged weights as a differentiable
-function of merging coefficients, run through ``torch.func.functional_call``, and test-time entropy minimization.
+"""Shared machinery of the learned merges (AdaMerging, Concrete, aTLAS): merged weights as a differentiable function
+of merging coefficients, run through ``torch.func.functional_call``, and test-time entropy minimization.
 
 Merge rule (:func:`merge_params`): θ_k = θ0_k + Σ_t c[t, b(k)] · (m_k ⊙ τ_{t,k}) for every parameter k with a task
 vector; ``coef`` is (T,) (one coefficient per task) or (T, B) with a block b(k) per parameter (default: each tensor its
 own block, i.e. layer-wise); the optional mask m is shared by all tasks. Computed in float32 (at least) and cast to
-θ0's dtype, so bf16 models work on CPU. The model is never modified or wrapped. Inputs (task vectors, batches, heads,
-``run``): ``_learned_inputs``.
+θ0's dtype, so bf16 models work on CPU (aTLAS composes its own blocks: ``atlas.Composition``). The model is never
+modified or wrapped. Inputs (task vectors, batches, heads, forward, ``run``): ``_learned_inputs``.
 """
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import nn
 
-from ._learned_inputs import (INPUTS, Batches, Job, call, heads, inputs_of, prepare, run_learned,  # noqa: F401
-                              task_vectors, to_device)
+from ._learned_inputs import Batches, forward, heads, prepare, run_learned, task_vectors  # noqa: F401
 
 
 @dataclasses.dataclass
@@ -67,8 +66,7 @@ def entropy_grads(model: nn.Module, params: Mapping[str, torch.Tensor], leaves: 
     device = next(iter(params.values())).device
     total, grads = 0.0, [torch.zeros_like(x) for x in leaves]
     for t, head in enumerate(fns):
-        x = to_device(inputs_of(batches.next(t)), device)
-        loss = entropy_loss(head(call(model, params, x), x))
+        loss = entropy_loss(forward(model, params, batches.next(t), head, device)[0])
         gs = torch.autograd.grad(loss, list(leaves), retain_graph=t < len(fns) - 1, allow_unused=True)
         grads = [a if g is None else a + g for a, g in zip(grads, gs)]
         total += loss.item()

@@ -1,10 +1,11 @@
-"""Inputs of the learned merges (see ``_learned``): task vectors from the models, batches → model inputs (labels
-dropped), per-task logits callables, endless per-task batches, hyperparameter checks and the registry ``run``.
+"""Inputs of the learned merges (AdaMerging, Concrete, aTLAS; see ``_learned``): task vectors from the models, one
+batch → (model inputs, labels) on the model's device, the model run at given parameters, per-task logits callables,
+endless per-task batches, hyperparameter checks and the registry ``run`` / output writing.
 
-A batch is ``inputs`` or ``(inputs, labels)``; inputs are a Tensor (``model(x)``), a tuple (``model(*x)``) or a dict
-(``model(**x)``; keys "labels"/"label" dropped). Labels are never read. Logits: per task a callable ``head(output)`` or
-``head(output, inputs)`` (e.g. the task's own classifier on the mean-pooled hidden states of a shared backbone);
-default: the output itself or its ``.logits``.
+A batch is ``inputs``, ``(inputs, labels)`` or a dict of model kwargs whose "labels"/"label" entry is taken out as the
+labels; inputs are a Tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``). Only aTLAS reads
+labels. Logits: per task a callable ``head(output)`` or ``head(output, inputs)`` (e.g. the task's own classifier on
+the mean-pooled hidden states of a shared backbone); default: the output itself or its ``.logits``.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from .._errors import SubspacesError, did_you_mean
 from ._io import check_new_output, open_model, write_model
 
 INPUTS = ("data", "logits", "progress")  # arguments of a learned merge that are not hyperparameters
+_LABEL_KEYS = ("labels", "label")
 
 
 def task_vectors(model: nn.Module, models: Sequence[Any]) -> list[dict[str, torch.Tensor]]:
@@ -52,11 +54,14 @@ def to_device(x: Any, device: torch.device) -> Any:
     return type(x)(to_device(v, device) for v in x) if isinstance(x, (tuple, list)) else x
 
 
-def inputs_of(batch: Any) -> Any:
-    """The model inputs of a batch: a dict loses its label keys; ``(inputs, labels)`` gives ``inputs``."""
+def split(batch: Any) -> tuple[Any, torch.Tensor | None]:
+    """(inputs, labels or None) of one batch: a dict loses its label keys; ``(inputs, labels)`` is split."""
     if isinstance(batch, Mapping):
-        return {k: v for k, v in batch.items() if k not in ("labels", "label")}
-    return batch[0] if isinstance(batch, (tuple, list)) and len(batch) == 2 else batch
+        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
+        return {k: v for k, v in batch.items() if k not in _LABEL_KEYS}, labels
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    return batch, None
 
 
 def call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any) -> Any:
@@ -65,6 +70,13 @@ def call(model: nn.Module, params: Mapping[str, torch.Tensor], inputs: Any) -> A
         return functional_call(model, dict(params), (), dict(inputs), strict=False)
     return functional_call(model, dict(params), tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,),
                            strict=False)
+
+
+def forward(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Any, head: Callable,
+            device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, labels or None) of ``model`` at ``params`` on one batch, moved to ``device``."""
+    inputs, labels = to_device(split(batch), device)
+    return head(call(model, params, inputs), inputs), labels
 
 
 def default_logits(output: Any) -> torch.Tensor:
@@ -87,11 +99,17 @@ def _two_args(fn: Callable) -> bool:
         p.kind is p.VAR_POSITIONAL for p in ps)
 
 
-def heads(logits: Any, n: int) -> list[Callable[[Any, Any], torch.Tensor]]:
-    """One ``(output, inputs) -> logits`` per task from ``logits``: None, one callable, or a sequence of n."""
-    fns = [logits] * n if logits is None or callable(logits) else list(logits)
-    if len(fns) != n or not all(f is None or callable(f) for f in fns):
-        raise SubspacesError(f"logits: give one callable per model ({n}), one callable for all, or None")
+def heads(logits: Any, tasks: int | Sequence[Any]) -> list[Callable[[Any, Any], torch.Tensor]]:
+    """One ``(output, inputs) -> logits`` per task. ``tasks`` a count n: ``logits`` is None, one callable or a
+    sequence of n; ``tasks`` the task keys (aTLAS): ``logits`` is None, one callable or ``{task: callable}``."""
+    if not isinstance(tasks, int):
+        if isinstance(logits, Mapping) and (missing := [t for t in tasks if t not in logits]):
+            raise SubspacesError(f"logits: no head for task {missing[0]!r}; heads are given for "
+                                 f"{sorted(map(str, logits))}")
+        return [heads(logits[t] if isinstance(logits, Mapping) else logits, 1)[0] for t in tasks]
+    fns = [logits] * tasks if logits is None or callable(logits) else list(logits)
+    if len(fns) != tasks or not all(f is None or callable(f) for f in fns):
+        raise SubspacesError(f"logits: give one callable per model ({tasks}), one callable for all, or None")
     return [(lambda o, x: default_logits(o)) if f is None else f if _two_args(f) else (lambda o, x, f=f: f(o))
             for f in fns]
 
@@ -123,16 +141,25 @@ class Job:
     batches: Batches
 
 
-def prepare(method: str, config: type, model: Any, models: Any, data: Any, logits: Any, hp: Mapping) -> Job:
-    """Validate a learned merge's inputs; ``models`` may be a dict, with ``data``/``logits`` dicts keyed alike."""
+def config_of(method: str, config: type, hp: Mapping, inputs: Sequence[str] = INPUTS) -> Any:
+    """``config(**hp)``; an unknown key is an error naming the close ones (``inputs``: the other arguments)."""
     valid = [f.name for f in dataclasses.fields(config)]
     for k in hp:
         if k not in valid:
-            raise SubspacesError(f"{method}: unknown hyperparameter {k!r}." + did_you_mean(k, valid + list(INPUTS)))
-    cfg = config(**hp)
+            raise SubspacesError(f"{method}: unknown hyperparameter {k!r}." + did_you_mean(k, valid + list(inputs)))
+    return config(**hp)
+
+
+def check_model(method: str, model: Any) -> None:
     if not isinstance(model, nn.Module):
         raise SubspacesError(f"{method} needs base= an nn.Module (the model it runs; θ0 = its weights), got "
                              f"{type(model).__name__}")
+
+
+def prepare(method: str, config: type, model: Any, models: Any, data: Any, logits: Any, hp: Mapping) -> Job:
+    """Validate a learned merge's inputs; ``models`` may be a dict, with ``data``/``logits`` dicts keyed alike."""
+    cfg = config_of(method, config, hp)
+    check_model(method, model)
     if data is None:
         raise SubspacesError(f"{method} needs data=[...]: one iterable of unlabelled test batches per model")
     if isinstance(models, Mapping):
@@ -147,6 +174,16 @@ def prepare(method: str, config: type, model: Any, models: Any, data: Any, logit
     return Job(cfg, task_vectors(model, models), heads(logits, len(models)), Batches(data, len(models)))
 
 
+def save(out: Any, method: str, models: Any, result: Any, hyperparameters: Mapping, **extra: Any) -> None:
+    """Write ``result.state_dict`` to ``out`` (config/tokenizer from the first model given as a path) with the
+    hyperparameters, coefficients, final loss and ``extra`` in merge_config.json."""
+    ms = list(models.values()) if isinstance(models, Mapping) else list(models)
+    like = next((m for m in ms if isinstance(m, str) or hasattr(m, "__fspath__")), None)
+    cfg = {"method": method, "hyperparameters": dict(hyperparameters), "coefficients": result.coefficients.tolist(),
+           "final_loss": result.losses[-1] if result.losses else None, **extra}
+    write_model(out, result.state_dict, like=like, config=cfg)
+
+
 def run_learned(method: str, fn: Callable, *, base: Any, models: Any, out: Any = None,
                 **hp: Any) -> dict[str, torch.Tensor]:
     """A registry ``run``: ``fn(base, models, **hp)``; with ``out``, also writes the merged model there."""
@@ -155,9 +192,5 @@ def run_learned(method: str, fn: Callable, *, base: Any, models: Any, out: Any =
     models = models if isinstance(models, Mapping) else list(models)
     result = fn(base, models, **hp)
     if out is not None:
-        ms = list(models.values()) if isinstance(models, Mapping) else models
-        like = next((m for m in ms if isinstance(m, str) or hasattr(m, "__fspath__")), None)
-        cfg = {"method": method, "hyperparameters": {k: v for k, v in hp.items() if k not in INPUTS},
-               "coefficients": result.coefficients.tolist(), "final_loss": result.losses[-1] if result.losses else None}
-        write_model(out, result.state_dict, like=like, config=cfg)
+        save(out, method, models, result, {k: v for k, v in hp.items() if k not in INPUTS})
     return result.state_dict

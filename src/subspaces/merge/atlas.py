@@ -29,11 +29,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._errors import SubspacesError, did_you_mean
+from .._errors import SubspacesError
 from .._registry import MERGE
-from ._batches import cosine, evaluate, few_shot, forward, head_for, objective, tasks
-from ._io import check_new_output, write_model
-from ._learned import learning, merged_state_dict, task_vectors as learned_task_vectors
+from ._atlas_train import cosine, evaluate, few_shot, objective, tasks
+from ._io import check_new_output
+from ._learned import learning, merged_state_dict
+from ._learned_inputs import check_model, config_of, forward, heads, save, task_vectors as learned_task_vectors
 
 __all__ = ["atlas", "run", "ATLAS", "AtlasResult", "Composition", "compose", "few_shot"]
 _INPUTS = ("data", "logits", "val")  # run() arguments that are not hyperparameters
@@ -63,14 +64,6 @@ class ATLAS:
                 raise SubspacesError(f"atlas: {name}={getattr(self, name)!r}; allowed: {allowed[name]}")
         if self.partitions > 1 and not self.blockwise:
             raise SubspacesError("atlas: partitions > 1 needs blockwise=True (partitions split each block)")
-
-
-def _config(hp: Mapping[str, Any]) -> ATLAS:
-    valid = [f.name for f in dataclasses.fields(ATLAS)] + list(_INPUTS)
-    for k in hp:
-        if k not in valid:
-            raise SubspacesError(f"atlas: unknown hyperparameter {k!r}." + did_you_mean(k, valid))
-    return ATLAS(**hp)
 
 
 @dataclass
@@ -132,7 +125,7 @@ def atlas(model: nn.Module, task_vectors: Sequence[Mapping[str, torch.Tensor]], 
     its ``.logits``). ``val`` (same format): Λ is scored at 0 and after every epoch and the best kept (accuracy with
     labels, else lowest entropy), as the official script does. Hyperparameters: the fields of :class:`ATLAS`.
     """
-    cfg = _config(hp)
+    cfg = config_of("atlas", ATLAS, hp, _INPUTS)
     comp = compose(model, task_vectors, partitions=cfg.partitions, seed=cfg.seed)
     if not comp.names:
         raise SubspacesError("atlas: no task vectors, or none of their keys is a parameter name of the model")
@@ -141,7 +134,7 @@ def atlas(model: nn.Module, task_vectors: Sequence[Mapping[str, torch.Tensor]], 
     shape = (t, p, cfg.partitions) if cfg.partitions > 1 else (t, p) if cfg.blockwise else (t,)
     lam = torch.zeros(shape, device=device, requires_grad=True)  # Λ = 0: exactly the base model
     data = {k: b if hasattr(b, "__len__") else list(b) for k, b in tasks(data).items()}
-    fns = [head_for(logits, k) for k in data]
+    fns = heads(logits, list(data))
     if (steps := min(len(b) for b in data.values())) == 0:
         raise SubspacesError("atlas: data has no batches")
     opt = torch.optim.AdamW([lam], lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -177,10 +170,8 @@ def run(*, base: nn.Module, models: Sequence[Any], out: Any = None, **hp: Any) -
     """``ss.merge("atlas", base=<nn.Module>, models=[...], data=..., logits=..., val=..., **ATLAS fields)``: θ0 = the
     weights of ``base``; ``models`` are paths, state dicts or modules. Returns the merged state dict; with ``out``,
     also writes a Hugging Face folder (Λ and the block names in merge_config.json)."""
-    cfg = _config({k: v for k, v in hp.items() if k not in _INPUTS})  # fail before loading anything
-    if not isinstance(base, nn.Module):
-        raise SubspacesError(f"atlas needs base= an nn.Module (the model it runs; θ0 = its weights), got "
-                             f"{type(base).__name__}")
+    cfg = config_of("atlas", ATLAS, {k: v for k, v in hp.items() if k not in _INPUTS}, _INPUTS)  # before loading
+    check_model("atlas", base)
     if "data" not in hp:
         raise SubspacesError("atlas needs data=: batches of inputs, (inputs, labels), or {task: batches}")
     if out is not None:
@@ -188,10 +179,7 @@ def run(*, base: nn.Module, models: Sequence[Any], out: Any = None, **hp: Any) -
     models = list(models.values() if isinstance(models, Mapping) else models)
     res = atlas(base, learned_task_vectors(base, models), **hp)
     if out is not None:
-        config = {"method": "atlas", "hyperparameters": dataclasses.asdict(cfg), "blocks": res.blocks,
-                  "coefficients": res.coefficients.tolist(), "final_loss": res.losses[-1], "best": res.best}
-        like = next((m for m in models if isinstance(m, str) or hasattr(m, "__fspath__")), None)
-        write_model(out, res.state_dict, like=like, config=config)
+        save(out, "atlas", models, res, dataclasses.asdict(cfg), blocks=res.blocks, best=res.best)
     return res.state_dict
 
 

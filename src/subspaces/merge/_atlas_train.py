@@ -1,54 +1,26 @@
-"""Labelled-data plumbing for learned merges (aTLAS) on top of ``_learned``: batches with optional labels, several
-target tasks, cross-entropy or entropy objective, validation scores, k-shot subsets.
+"""aTLAS-only training pieces (the shared ones are in ``_learned`` / ``_learned_inputs``): several target tasks,
+cross-entropy or entropy objective, cosine learning-rate decay, validation scores, k-shot subsets.
 
-A batch is ``inputs``, ``(inputs, labels)`` or a dict of model kwargs whose "labels"/"label" entry is taken out as the
-labels; inputs are a Tensor (``model(x)``), a tuple (``model(*x)``) or a dict (``model(**x)``). Several target tasks:
-``{task: batches}``, with ``logits={task: head}``.
+Batches, heads and the forward pass are those of ``_learned_inputs``; several target tasks are ``{task: batches}``,
+with ``logits={task: head}``.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
 from .._errors import SubspacesError
-from ._learned import call, entropy_loss, heads, to_device
-
-_LABEL_KEYS = ("labels", "label")
-
-
-def split(batch: Any) -> tuple[Any, torch.Tensor | None]:
-    """(inputs, labels or None) of one batch."""
-    if isinstance(batch, Mapping):
-        labels = next((batch[k] for k in _LABEL_KEYS if k in batch), None)
-        return {k: v for k, v in batch.items() if k not in _LABEL_KEYS}, labels
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    return batch, None
+from ._learned import entropy_loss
+from ._learned_inputs import forward, heads
 
 
 def tasks(data: Any) -> dict[Any, Any]:
     """``{task: batches}``; a plain iterable of batches is the single task ``None``."""
     return dict(data) if isinstance(data, Mapping) else {None: data}
-
-
-def head_for(logits: Callable | Mapping[Any, Callable] | None, task: Any) -> Callable:
-    """The ``(output, inputs) -> logits`` of ``task`` (see ``_learned.heads``)."""
-    if isinstance(logits, Mapping):
-        if task not in logits:
-            raise SubspacesError(f"logits: no head for task {task!r}; heads are given for {sorted(map(str, logits))}")
-        logits = logits[task]
-    return heads(logits, 1)[0]
-
-
-def forward(model: nn.Module, params: Mapping[str, torch.Tensor], batch: Any, head: Callable,
-            device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logits, labels) of ``model`` at ``params`` on one batch."""
-    inputs, labels = to_device(split(batch), device)
-    return head(call(model, params, inputs), inputs), labels
 
 
 def objective(logits: torch.Tensor, labels: torch.Tensor | None, kind: str) -> torch.Tensor:
@@ -73,7 +45,7 @@ def evaluate(model: nn.Module, params: Mapping[str, torch.Tensor], data: Any, lo
     hits = ent = 0.0
     n, labelled = 0, True
     for task, batches in tasks(data).items():
-        head = head_for(logits, task)
+        head = heads(logits, [task])[0]
         for batch in batches:
             out, labels = forward(model, params, batch, head, device)
             ent += entropy_loss(out).item()
