@@ -38,7 +38,7 @@ from typing import Any, Callable
 
 import torch
 
-TASKS = "concurrency,net,devtools,chatterbot-topics"
+TASKS = "concurrency,devtools,formats,chatterbot-topics"
 # The order the table lists methods in; registered methods not named here come after them.
 ORDER = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "model_stock",
          "adamerging", "concrete", "atlas", "opcm", "continual_ta")
@@ -255,13 +255,17 @@ class LearnedInputs:
         return fn
 
 
-def few_shot(rows: list[dict], k: int, collate, seed: int, batch_size: int = 32) -> list[dict]:
-    """k labelled examples per class (all of a smaller class), in length-sorted shuffled batches."""
+def few_shot(rows: list[dict], k: int, collate, seed: int, batch_size: int = 32, min_batches: int = 10) -> list[dict]:
+    """k labelled examples per class (all of a smaller class), repeated in fresh shuffles until an epoch has
+    ``min_batches`` batches (the official aTLAS few-shot script oversamples to about 10 batches per epoch)."""
     rng, by = random.Random(seed), {}
     for r in rows:
         by.setdefault(r["labels"], []).append(r)
     pick = [r for y in sorted(by) for r in rng.sample(by[y], min(k, len(by[y])))]
-    return [b for _, b in batches_by_length(pick, collate, batch_size, rng)]
+    order: list[dict] = []
+    while len(order) < min_batches * batch_size:
+        order += rng.sample(pick, len(pick))
+    return [collate(order[i:i + batch_size]) for i in range(0, len(order), batch_size)]
 
 
 # How each learned method gets its inputs and its (CPU-budget) hyperparameters; ``steps`` = --learned-steps.

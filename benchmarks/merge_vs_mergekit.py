@@ -4,9 +4,9 @@
 The checkpoints: SmolLM2-135M-Instruct (the embedded default, 134.5M parameters, saved in ``--dtype``) and three
 "fine-tuned" variants made by adding seeded Gaussian noise (0.01 × each tensor's std) — merging cost does not depend
 on how the deltas were obtained. Both tools read the same mergekit YAML (ties, density 0.2, weight 1, normalize) and
-write a new folder; each run is a fresh process (`os.wait4` gives its own peak RSS), the two tools alternate for
-``--repeats`` rounds, and the medians and ratios (subspaces / mergekit; targets: time ≤ 1.0, RSS ≤ 0.5) go to
-benchmarks/results/merge_vs_mergekit.{json,md}. The merged tensors of the two are compared too (mergekit computes in
+write a new folder; each run is a fresh process (started by a small launcher whose `os.wait4` gives its peak RSS), the
+two tools alternate for ``--repeats`` rounds, and the medians and ratios (subspaces / mergekit; targets: time ≤ 1.0,
+RSS ≤ 0.5) go to benchmarks/results/merge_vs_mergekit-<dtype>.{json,md}. The merged tensors of the two are compared too (mergekit computes in
 the YAML's dtype, bf16 here; subspaces in float32, rounded to bf16 at the end: differences of one bf16 ulp are
 expected). A third mergekit run with float32 arithmetic separates that from the one rule that differs: entries tied at
 the trim threshold are all kept by us (as in the TIES code), while mergekit keeps an arbitrary ⌊k·n⌋ of them; bf16
@@ -63,15 +63,27 @@ def make_checkpoints(work: Path, n: int, dtype: torch.dtype) -> tuple[Path, list
     return folders[0], folders[1:]
 
 
+# A child's ru_maxrss starts from its parent's RSS at fork time (and survives exec), so each tool is started by this
+# small launcher process rather than by the benchmark, which holds torch and checkpoints.
+_LAUNCHER = """
+import os, sys, time
+start = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.argv[1], sys.argv[1:])
+_, status, usage = os.wait4(pid, 0)
+print(os.waitstatus_to_exitcode(status), time.perf_counter() - start, usage.ru_maxrss)
+"""
+
+
 def run(cmd: list[str]) -> dict:
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    err = proc.stderr.read().decode(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        raise RuntimeError(f"{cmd[0]} failed:\n{err[-2000:]}")
-    return {"wall_s": wall, "peak_rss_mb": usage.ru_maxrss / 1024}
+    proc = subprocess.run([sys.executable, "-S", "-c", _LAUNCHER, *cmd], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+    lines = proc.stdout.strip().splitlines()
+    code, wall, rss = lines[-1].split() if lines else ("-1", "0", "0")
+    if proc.returncode != 0 or code != "0":
+        raise RuntimeError(f"{cmd[0]} failed:\n{proc.stderr[-2000:]}")
+    return {"wall_s": float(wall), "peak_rss_mb": int(rss) / 1024}
 
 
 def compare(a: Path, b: Path) -> dict:
