@@ -8,7 +8,7 @@ Rule: τ̂_t = top-k(τ_t); γ = sign(Σ_t w_t τ̂_t); θ = θ₀ + λ Σ_{t: s
 tensor (mergekit; streams); ``trim="model"`` keeps the top k of the whole flattened task vector, as the official code
 and FusionBench do (a first pass gathers every |τ_t|: T·P floats in memory), with their count: ⌊k·P⌋ + 1 entries. ``normalize=False`` sums instead of
 averaging (FusionBench's ``merge_func="sum"``). ``consensus="count"`` elects by sign count instead of mass.
-Deviation: entries whose vote is exactly 0 take the majority sign of their tensor (of the model with trim="model").
+Deviation: entries whose vote is exactly 0 take the majority sign of their tensor (the official code: of the model).
 """
 from __future__ import annotations
 
