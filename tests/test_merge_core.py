@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 
 import subspaces as ss
 import subspaces.merge._io as mio
+import subspaces.merge._shards as shards
 from subspaces._errors import SubspacesError
 from subspaces.integrations.mergekit import from_mergekit
 
@@ -76,8 +77,8 @@ def test_output_loads_with_safetensors_and_dtype_recorded(folders, tmp_path):
 def test_streaming_writes_each_tensor_before_computing_the_next(folders, tmp_path, monkeypatch):
     base_dir, model_dirs, _, _ = folders
     events = []
-    real_bytes, real_get = mio._tensor_bytes, mio._Safetensors.get
-    monkeypatch.setattr(mio, "_tensor_bytes", lambda t: (events.append("write"), real_bytes(t))[1])
+    real_bytes, real_get = shards._tensor_bytes, mio._Safetensors.get
+    monkeypatch.setattr(shards, "_tensor_bytes", lambda t: (events.append("write"), real_bytes(t))[1])
     monkeypatch.setattr(mio._Safetensors, "get", lambda self, k: (events.append("read"), real_get(self, k))[1])
     ss.merge("task_arithmetic", base=base_dir, models=model_dirs, out=tmp_path / "o")
     # each float tensor: 3 reads (base + 2 models) then its write, the int one 1 read; never all reads first
@@ -87,7 +88,7 @@ def test_streaming_writes_each_tensor_before_computing_the_next(folders, tmp_pat
 
 def test_failure_leaves_nothing(folders, tmp_path, monkeypatch):
     base_dir, model_dirs, _, _ = folders
-    calls, real_bytes = [], mio._tensor_bytes
+    calls, real_bytes = [], shards._tensor_bytes
 
     def boom(t):
         calls.append(1)
@@ -95,7 +96,7 @@ def test_failure_leaves_nothing(folders, tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real_bytes(t)
 
-    monkeypatch.setattr(mio, "_tensor_bytes", boom)
+    monkeypatch.setattr(shards, "_tensor_bytes", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         ss.merge("task_arithmetic", base=base_dir, models=model_dirs, out=tmp_path / "o")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["base", "m0", "m1"]
@@ -127,6 +128,8 @@ def test_errors_name_the_problem(folders, tmp_path):
         ss.merge("task_arithmetic", base=base, models=models, out=base_dir)
     with pytest.raises(SubspacesError, match="does not exist"):
         ss.merge("task_arithmetic", base=tmp_path / "nope", models=models)
+    with pytest.raises(SubspacesError, match="device='nowhere' is not usable"):
+        ss.merge("task_arithmetic", base=base, models=models, device="nowhere")
     with pytest.raises(SubspacesError, match="models is empty"):
         ss.merge("task_arithmetic", base=base, models=[])
 

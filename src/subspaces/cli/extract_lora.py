@@ -60,7 +60,7 @@ def extract_lora(
 
     from .._errors import SubspacesError
     from ..harness.compress import load_causal_lm
-    from ..merge._io import check_new_output
+    from ..merge._shards import check_new_output
     from ..merge.extract_lora import extract_lora as run
 
     check_new_output(out)

@@ -28,7 +28,7 @@ def merge(
     breadcrumbs, model_stock. OUT gets the base's config and tokenizer files, merge_config.json and the YAML."""
     from ..integrations.mergekit import read_config
     from ..merge._core import merge as run_merge
-    from ..merge._io import check_new_output
+    from ..merge._shards import check_new_output
 
     check_new_output(out)
     kwargs = read_config(config)

@@ -11,7 +11,8 @@ import sys
 import types
 
 from ._core import merge, parse_dtype, schema
-from ._io import load_state_dict, open_model, write_model
+from ._io import load_state_dict, open_model
+from ._shards import write_model
 from ._learned_inputs import task_vectors
 from ._stream import StreamStep, merge_stream
 from .adamerging import adamerging

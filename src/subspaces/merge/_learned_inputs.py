@@ -19,7 +19,8 @@ from torch import nn
 from torch.func import functional_call
 
 from .._errors import SubspacesError, did_you_mean
-from ._io import check_new_output, open_model, write_model
+from ._io import open_model
+from ._shards import check_new_output, write_model
 
 INPUTS = ("data", "logits", "progress")  # arguments of a learned merge that are not hyperparameters
 _LABEL_KEYS = ("labels", "label")

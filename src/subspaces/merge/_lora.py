@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from .._errors import SubspacesError
 from .._io import atomic_dir, read_json, read_safetensors, write_json, write_safetensors
 from ..integrations.peft import _UNSUPPORTED, CONFIG, PREFIX, WEIGHTS, _pattern_value, _suffixes, to_peft
-from ._io import check_new_output
+from ._shards import check_new_output
 
 _KEY = re.compile(r"(.+)\.lora_(embedding_)?([AB])(?:\.weight)?")
 

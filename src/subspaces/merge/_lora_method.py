@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from .._errors import SubspacesError
-from ._io import check_new_output
+from ._shards import check_new_output
 from ._lora import LoRASet, PeftLoRA, build, write_peft
 
 

@@ -22,7 +22,8 @@ from torch import Tensor
 from .._errors import SubspacesError
 from .._registry import MERGE
 from ._core import parse_dtype
-from ._io import Source, check_new_output, open_model, write_model
+from ._io import Source, open_model
+from ._shards import check_new_output, write_model
 
 
 class StreamStep(dict):

@@ -32,7 +32,7 @@ from torch import nn
 from .._errors import SubspacesError
 from .._registry import MERGE
 from ._atlas_train import cosine, evaluate, few_shot, objective, tasks
-from ._io import check_new_output
+from ._shards import check_new_output
 from ._learned import learning, merged_state_dict
 from ._learned_inputs import check_model, config_of, forward, heads, save, task_vectors as learned_task_vectors
 
