@@ -14,15 +14,15 @@ a merged backbone is read by each task's own head meaningfully. Heads are task-s
 task-arithmetic paper keeps CLIP's heads); only the backbone (``BertModel``) state dicts are merged. Each fine-tuned
 backbone + head is cached as safetensors under ``subspaces._io.cache_dir("merge-minilm")``.
 
-Merging: tensor methods run through ``subspaces.merge.merge(name, base=θ₀, models=[θ₁..θ₄], **hp)``; their scaling
-λ is chosen on the validation splits (average accuracy) from a small grid, as the TA/TIES/DARE papers do. Learned
-methods get the encoder module at θ0, each task's logits (its own head on the mean-pooled states) and data through
-``LEARNED`` below: AdaMerging and Concrete the unlabelled test inputs of every task (test-time adaptation, as their
-papers), aTLAS ``--shots`` labelled train examples per class and the validation split; their step counts are cut to
-``--learned-steps`` for a CPU budget (``0``: the papers' 500 / 2000 steps). Stream methods run through
-``merge_stream`` in three task orders: average test accuracy over the tasks seen so far after each step; their row
-in the main table is the final merge of the first order. A method that is not registered, or whose inputs this
-script cannot supply, is skipped with a line saying why.
+Merging: tensor methods run through ``subspaces.merge.merge(name, base=θ₀, models=[θ₁..θ₄], **hp)``; their
+scaling λ is chosen on the validation splits (average accuracy) from a small grid, as the TA/TIES/DARE papers do.
+Learned methods get the encoder module at θ0, each task's logits (its own head on the mean-pooled states) and data
+through ``LEARNED`` below: AdaMerging and Concrete the unlabelled test inputs of every task (test-time adaptation,
+as their papers), aTLAS ``--shots`` labelled train examples per class and the validation split; their step counts
+are cut to ``--learned-steps`` for a CPU budget (``0``: the methods' defaults, 500 / 2000 steps). Stream methods
+run through ``merge_stream`` in three task orders: average test accuracy over the tasks seen so far after each
+step; their row in the main table is the final merge of the first order. A method that is not registered, or whose
+inputs this script cannot supply, is skipped with a line saying why.
 """
 from __future__ import annotations
 
@@ -166,7 +166,8 @@ def finetune_task(name: str, task: dict, args, collate) -> dict[str, Any]:
         per_epoch = math.ceil(len(task["train"]) / args.batch_size)
         total = per_epoch * args.epochs
         warm = max(1, round(0.06 * total))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / (total - warm))))
+        sched = torch.optim.lr_scheduler.LambdaLR(  # linear warmup, then linear decay to 0
+            opt, lambda s: min((s + 1) / warm, max(0.0, (total - s) / (total - warm))))
         start, step, history = time.perf_counter(), 0, []
         for epoch in range(args.epochs):
             encoder.train()
@@ -400,7 +401,9 @@ def main() -> None:
         "finetune": {n: {k: v for k, v in fts[n]["meta"].items() if k != "loss_history"} for n in names},
         "probe": {n: fts[n]["meta"]["probe"]["test"] for n in names},
         "individual": {n: evaluate(fts[n]["state"], "test", [n])[n] for n in names},
-        "pretrained": evaluate(base, "test"), "methods": [], "stream": {}, "skipped": {}}
+        "pretrained": evaluate(base, "test"), "methods": [], "stream": {}, "skipped": {},
+        "val": {"pretrained": evaluate(base, "val"),
+                "individual": {n: evaluate(fts[n]["state"], "val", [n])[n] for n in names}}}
     log(f"individual {res['individual']}  pretrained+heads {res['pretrained']}")
 
     from subspaces._registry import MERGE
