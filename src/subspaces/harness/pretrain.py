@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from .._device import resolve_device
 from .._errors import SubspacesError, did_you_mean
 
 BASELINE = "adamw"
@@ -116,17 +117,6 @@ def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
     if dtype not in names:
         raise SubspacesError(f"dtype={dtype!r}: allowed {sorted(names)}")
     return names[dtype]
-
-
-def _device(device: str | torch.device | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError) as e:
-        raise SubspacesError(f"device={str(device)!r}: not usable here ({str(e).splitlines()[0]})") from None
-    return device
 
 
 def _check_out(out: Path | None, ours: tuple[str, ...] = FILES) -> None:
@@ -231,7 +221,7 @@ def _prepare(method: str, **kw: Any) -> dict[str, Any]:
     hidden = model_kwargs.get("hidden_size", 256)
     lr, hp, config = resolve(method, kw.pop("hyperparameters"), kw.pop("lr"), hidden, kw["seed"])
     return {**kw, "method": method, "lr": lr, "hyperparameters": hp, "config": config,
-            "model_kwargs": model_kwargs, "device": _device(kw["device"]), "dtype": _dtype(kw["dtype"])}
+            "model_kwargs": model_kwargs, "device": resolve_device(kw["device"]), "dtype": _dtype(kw["dtype"])}
 
 
 def _build(run: dict[str, Any]) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from .._device import resolve_device
 from .._errors import SubspacesError
 from .._registry import MERGE
 from ._io import Source, open_model
@@ -91,15 +92,6 @@ def _check_inputs(base: Source | None, models: list[Source], dtype: torch.dtype 
     return ref
 
 
-def _device(device: str | torch.device) -> torch.device:
-    try:
-        d = torch.device(device)
-        torch.empty(0, device=d)
-    except (RuntimeError, AssertionError) as e:
-        raise SubspacesError(f"device={str(device)!r} is not usable here ({str(e).splitlines()[0]})") from None
-    return d
-
-
 def _generator(seed: int, key: str, device: torch.device) -> torch.Generator:
     return torch.Generator(device).manual_seed((int(seed) * 1_000_003 + zlib.crc32(key.encode())) % 2**63)
 
@@ -112,7 +104,7 @@ class _TensorMerge:
             raise SubspacesError("models is empty: give at least one fine-tuned model")
         if base is None and getattr(fn, "needs_base", True):
             raise SubspacesError(f"{method} needs a base model (base=...; YAML base_model:)")
-        self.fn, self.device, self.dtype = fn, _device(device), parse_dtype(dtype)
+        self.fn, self.device, self.dtype = fn, resolve_device(device), parse_dtype(dtype)
         self.base = open_model(base, "base") if base is not None else None
         self.models = [open_model(m, f"model {i}") for i, m in enumerate(models)]
         self.ref = _check_inputs(self.base, self.models, self.dtype)
