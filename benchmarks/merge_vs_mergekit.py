@@ -6,11 +6,11 @@ The checkpoints: SmolLM2-135M-Instruct (the embedded default, 134.5M parameters,
 on how the deltas were obtained. Both tools read the same mergekit YAML (ties, density 0.2, weight 1, normalize) and
 write a new folder; each run is a fresh process (started by a small launcher whose `os.wait4` gives its peak RSS), the
 two tools alternate for ``--repeats`` rounds, and the medians and ratios (subspaces / mergekit; targets: time ≤ 1.0,
-RSS ≤ 0.5) go to benchmarks/results/merge_vs_mergekit-<dtype>.{json,md}. The merged tensors of the two are compared too (mergekit computes in
-the YAML's dtype, bf16 here; subspaces in float32, rounded to bf16 at the end: differences of one bf16 ulp are
-expected). A third mergekit run with float32 arithmetic separates that from the one rule that differs: entries tied at
-the trim threshold are all kept by us (as in the TIES code), while mergekit keeps an arbitrary ⌊k·n⌋ of them; bf16
-task vectors take few distinct values, so such ties are common there and absent in float32.
+RSS ≤ 0.5) go to benchmarks/results/merge_vs_mergekit-<dtype>.{json,md}. The merged tensors of the two are compared
+too (mergekit computes in the YAML's dtype, bf16 here; subspaces in float32, rounded to bf16 at the end: differences of
+one bf16 ulp are expected). A third mergekit run with float32 arithmetic separates that from the one rule that
+differs: entries tied at the trim threshold are all kept by us (as in the TIES code), while mergekit keeps an arbitrary
+⌊k·n⌋ of them; bf16 task vectors take few distinct values, so such ties are common there and rare in float32.
 
     python benchmarks/merge_vs_mergekit.py                # needs mergekit (pip install mergekit)
     python benchmarks/merge_vs_mergekit.py --dtype float32 --repeats 3
@@ -18,6 +18,7 @@ task vectors take few distinct values, so such ties are common there and absent 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import os
 import platform
@@ -26,7 +27,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -93,7 +93,8 @@ def compare(a: Path, b: Path) -> dict:
     assert set(x) == set(y), set(x) ^ set(y)
     diffs = [(x[k].float() - y[k].float()).abs() for k in x]
     n = sum(d.numel() for d in diffs)
-    return {"max_abs": max(float(d.max()) for d in diffs), "fraction_differing": sum(int((d > 0).sum()) for d in diffs) / n}
+    differing = sum(int((d > 0).sum()) for d in diffs)
+    return {"max_abs": max(float(d.max()) for d in diffs), "fraction_differing": differing / n}
 
 
 def main() -> None:
@@ -140,8 +141,7 @@ def main() -> None:
         "time_ratio": med["subspaces"]["wall_s"] / med["mergekit"]["wall_s"],
         "rss_ratio": med["subspaces"]["peak_rss_mb"] / med["mergekit"]["peak_rss_mb"],
         "difference": diff, "difference_to_mergekit_float32_arithmetic": diff_f32,
-        "mergekit_version": subprocess.run([str(BIN / "python"), "-c", "import importlib.metadata as m;"
-                                            "print(m.version('mergekit'))"], capture_output=True, text=True).stdout.strip(),
+        "mergekit_version": importlib.metadata.version("mergekit"),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = f"merge_vs_mergekit-{args.dtype}"

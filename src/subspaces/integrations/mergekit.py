@@ -76,7 +76,8 @@ def from_mergekit(cfg: dict[str, Any], base_dir: Path | None = None) -> dict[str
     _unknown("merge config", cfg, TOP_KEYS)
     name = cfg.get("merge_method")
     if name not in METHODS:
-        raise SubspacesError(f"merge_method {name!r} is not one we share with mergekit." + did_you_mean(str(name), METHODS))
+        raise SubspacesError(f"merge_method {name!r} is not one we share with mergekit."
+                             + did_you_mean(str(name), METHODS))
     method, hp, accepted = METHODS[name]
     hp = dict(hp)
     shared = cfg.get("parameters") or {}

@@ -137,7 +137,8 @@ def _folder_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.glob("*.safetensors") if not p.name.startswith("adapter_"))
     if not files:
         pickled = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt")]
-        hint = (f" It holds {', '.join(pickled[:3])}: pickled checkpoints are never loaded; convert them to safetensors "
+        hint = (f" It holds {', '.join(pickled[:3])}: pickled checkpoints are never loaded; convert them to "
+                "safetensors "
                 "(model.save_pretrained(folder, safe_serialization=True)).") if pickled else ""
         raise SubspacesError(f"no .safetensors weights in {folder}.{hint}")
     return files

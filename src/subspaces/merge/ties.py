@@ -6,8 +6,8 @@ Rule: τ̂_t = top-k(τ_t); γ = sign(Σ_t w_t τ̂_t); θ = θ₀ + λ Σ_{t: s
 
 ``density`` is k (the paper's default 20%; one value or one per model). ``trim="tensor"`` keeps the top k of each
 tensor (mergekit; streams); ``trim="model"`` keeps the top k of the whole flattened task vector, as the official code
-and FusionBench do (a first pass gathers every |τ_t|: T·P floats in memory), with their count: ⌊k·P⌋ + 1 entries. ``normalize=False`` sums instead of
-averaging (FusionBench's ``merge_func="sum"``). ``consensus="count"`` elects by sign count instead of mass.
+and FusionBench do (a first pass gathers every |τ_t|: T·P floats in memory), with their count: ⌊k·P⌋ + 1 entries.
+``normalize=False`` sums instead of averaging (FusionBench's ``merge_func="sum"``). ``consensus="count"`` elects by sign count instead of mass.
 Deviation: entries whose vote is exactly 0 take the majority sign of their tensor (the official code: of the model).
 """
 from __future__ import annotations
@@ -65,7 +65,8 @@ def _prepare(inputs: Iterable[tuple[torch.Tensor, list[torch.Tensor]]], *, trim:
                             for m, k in zip(magnitudes, dens)]}
 
 
-def _tensor_stats(blocks: Callable[[], Iterable], *, density=0.2, weights=None, consensus="sum", _thresholds=None, **_) -> dict:
+def _tensor_stats(blocks: Callable[[], Iterable], *, density=0.2, weights=None, consensus="sum", _thresholds=None,
+                  **_) -> dict:
     """What a block of rows needs from its whole tensor: each task's trim threshold (exact, streamed) and the
     tensor's majority sign."""
     n = blocks.n_models
