@@ -93,28 +93,36 @@ def to_peft(model: nn.Module, *, rank: int | None = None, lora_only: bool = True
     for key, value in state.items():
         if f".{DELTA}." not in key:  # modules_to_save
             tensors[PREFIX + key] = value
+    config = peft_config(ranks, alphas, dropout=Counter(dropouts).most_common(1)[0][0], use_rslora=use_rslora,
+                         fan_in_fan_out=fan_in_fan_out[0], modules_to_save=saved or None)
+    return config, tensors, report
+
+
+def peft_config(ranks: dict[str, int], alphas: dict[str, float], *, base: str | None = None, dropout: float = 0.0,
+                use_rslora: bool = False, fan_in_fan_out: bool = False, modules_to_save: list | None = None) -> dict:
+    """``adapter_config.json`` of a LoRA with these per-module ranks and alphas: the most common as ``r`` /
+    ``lora_alpha``, the others as anchored rank / alpha patterns."""
     r, alpha = Counter(ranks.values()).most_common(1)[0][0], Counter(alphas.values()).most_common(1)[0][0]
-    config = {
+    return {
         "peft_type": "LORA",
         "task_type": None,
-        "base_model_name_or_path": None,
+        "base_model_name_or_path": base,
         "r": r,
         "lora_alpha": alpha,
-        "lora_dropout": Counter(dropouts).most_common(1)[0][0],
+        "lora_dropout": dropout,
         "target_modules": sorted(ranks),
         "exclude_modules": None,
         "rank_pattern": {f"^{re.escape(n)}": v for n, v in ranks.items() if v != r},
         "alpha_pattern": {f"^{re.escape(n)}": v for n, v in alphas.items() if v != alpha},
         "use_rslora": use_rslora,
-        "fan_in_fan_out": fan_in_fan_out[0],
+        "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
         "init_lora_weights": True,
-        "modules_to_save": saved or None,
+        "modules_to_save": modules_to_save,
         "inference_mode": True,
         "use_dora": False,
         "lora_bias": False,
     }
-    return config, tensors, report
 
 
 def export_lora(model: nn.Module, path: str | Path, *, rank: int | None = None) -> list[dict]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 import re
-from collections import Counter
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -19,7 +18,8 @@ from torch import Tensor, nn
 
 from .._errors import SubspacesError
 from .._io import atomic_dir, read_json, read_safetensors, write_json, write_safetensors
-from ..integrations.peft import _UNSUPPORTED, CONFIG, PREFIX, WEIGHTS, _pattern_value, _suffixes, to_peft
+from ..integrations.peft import (_UNSUPPORTED, CONFIG, PREFIX, WEIGHTS, _pattern_value, _suffixes, peft_config,
+                                 to_peft)
 from ._shards import check_new_output
 
 _KEY = re.compile(r"(.+)\.lora_(embedding_)?([AB])(?:\.weight)?")
@@ -155,12 +155,7 @@ def build(modules: dict[str, tuple[Tensor, Tensor]], *, fan_in_fan_out: bool = F
         tensors[f"{PREFIX}{name}.{a_key}"] = A.to(dtype or A.dtype).contiguous()
         tensors[f"{PREFIX}{name}.{b_key}"] = B.to(dtype or B.dtype).contiguous()
         ranks[name] = int(A.shape[0])
-    r = Counter(ranks.values()).most_common(1)[0][0]
-    other = {f"^{re.escape(n)}": v for n, v in ranks.items() if v != r}
-    config = dict(peft_type="LORA", task_type=None, base_model_name_or_path=base, r=r, lora_alpha=r, lora_dropout=0.0,
-                  target_modules=sorted(ranks), exclude_modules=None, rank_pattern=other, alpha_pattern=dict(other),
-                  use_rslora=False, fan_in_fan_out=fan_in_fan_out, bias="none", init_lora_weights=True,
-                  modules_to_save=None, inference_mode=True, use_dora=False, lora_bias=False)
+    config = peft_config(ranks, dict(ranks), base=base, fan_in_fan_out=fan_in_fan_out)  # alpha = r: scale 1
     return PeftLoRA(tensors, config, report or [])
 
 

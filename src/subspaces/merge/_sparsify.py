@@ -15,6 +15,11 @@ def weights_or_ones(weights: Sequence[float] | None, n: int, like: torch.Tensor)
     return w.to(like.device, like.dtype).reshape(n, *(1,) * like.dim())
 
 
+def per_model(value: float | Sequence[float], n: int) -> list[float]:
+    """One value per task vector: a per-model list as given, a single value repeated."""
+    return list(value) if isinstance(value, (list, tuple)) else [value] * n
+
+
 def magnitude_threshold(delta: torch.Tensor, density: float, official: bool = False) -> torch.Tensor:
     """The smallest |δ| kept when keeping the top ⌊density·n⌋ (at least one) entries by magnitude (mergekit).
 

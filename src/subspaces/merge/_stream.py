@@ -143,6 +143,19 @@ def run_stream(method: str, stream: Callable[..., Iterator[StreamStep]], *, base
     return write_model(out, dict(last), like=like, config=config)
 
 
+class StreamMethod:
+    """Base of a registered stream method: ``stream`` (a staticmethod) yields the steps; ``run`` goes to the end."""
+
+    kind = "stream"
+    registry_name: str  # set by MERGE.register
+    stream: Callable[..., Iterator[StreamStep]]
+
+    @classmethod
+    def run(cls, *, base: Any, models: Iterable[Any], out: Any = None, **hp: Any) -> dict[str, Tensor] | Path:
+        check_hyperparameters(cls.registry_name, cls.stream, hp)
+        return run_stream(cls.registry_name, cls.stream, base=base, models=models, out=out, **hp)
+
+
 def require_models(t: int, method: str) -> None:
     if t == 0:
         raise SubspacesError(f"{method}: models is empty; give at least one fine-tuned model")

@@ -12,15 +12,14 @@ from collections.abc import Sequence
 import torch
 
 from .._registry import MERGE
-from ._sparsify import disjoint_merge, trim_outliers, weights_or_ones
+from ._sparsify import disjoint_merge, per_model, trim_outliers, weights_or_ones
 
 
 @MERGE.register("breadcrumbs", paper="https://arxiv.org/abs/2312.06795")
 def breadcrumbs(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: Sequence[float] | None = None,
                 density: float | Sequence[float] = 0.9, gamma: float = 0.01, scaling: float = 1.0,
                 normalize: bool = False) -> torch.Tensor:
-    dens = density if isinstance(density, (list, tuple)) else [density] * len(deltas)
-    stacked = torch.stack([trim_outliers(d, k, gamma) for d, k in zip(deltas, dens)])
+    stacked = torch.stack([trim_outliers(d, k, gamma) for d, k in zip(deltas, per_model(density, len(deltas)))])
     return base + scaling * disjoint_merge(stacked, weights_or_ones(weights, len(deltas), stacked[0]), None, normalize)
 
 

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._errors import SubspacesError
 from .._registry import MERGE
-from ._stream import Base, StreamStep, check_hyperparameters, order, require_models, run_stream
+from ._stream import Base, StreamMethod, StreamStep, order, require_models
 
 PAPER = "https://arxiv.org/abs/2501.09522"
 
@@ -55,13 +55,7 @@ def _continual_ta(b: Base, models: Iterable[tuple[int, Any]], scaling: float) ->
 
 
 @MERGE.register("continual_ta", paper=PAPER, status="complete")
-class ContinualTA:
+class ContinualTA(StreamMethod):
     """Registry entry: ``ss.merge_stream("continual_ta", ...)`` / ``ss.merge("continual_ta", ...)``."""
 
-    kind = "stream"
     stream = staticmethod(stream)
-
-    @staticmethod
-    def run(*, base: Any, models: Iterable[Any], out: Any = None, **hp: Any) -> Any:
-        check_hyperparameters("continual_ta", stream, hp)
-        return run_stream("continual_ta", stream, base=base, models=models, out=out, **hp)

@@ -15,14 +15,13 @@ import torch
 
 from .._errors import SubspacesError
 from .._registry import MERGE
-from ._sparsify import RESCALES, disjoint_merge, drop, weights_or_ones
+from ._sparsify import RESCALES, disjoint_merge, drop, per_model, weights_or_ones
 
 
 def dropped(deltas: Sequence[torch.Tensor], density, rescale, generator) -> torch.Tensor:
     if rescale not in RESCALES:
         raise SubspacesError(f"rescale={rescale!r}; allowed: {', '.join(map(repr, RESCALES))}")
-    dens = density if isinstance(density, (list, tuple)) else [density] * len(deltas)
-    return torch.stack([drop(d, k, rescale, generator) for d, k in zip(deltas, dens)])
+    return torch.stack([drop(d, k, rescale, generator) for d, k in zip(deltas, per_model(density, len(deltas)))])
 
 
 @MERGE.register("dare_linear", paper="https://arxiv.org/abs/2311.03099")

@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .._errors import SubspacesError
 from .._registry import MERGE
+from ..adapters._core import check_int
 from ._lora import PeftLoRA, read_loras
 from ._lora_method import LoRAMethod, check_out, check_weights, factors, finish, work_dtype
 
@@ -42,8 +42,7 @@ def lora_svd(models: Any, *, rank: int, weights: Any = None, base: Any = None, o
     the best rank-``rank`` approximation of ``Σ_i weights_i · ΔW_i`` per module. Returns the PEFT state dict, config
     and report (per module: rank, relative Frobenius error); with ``out``, also writes a PEFT folder there.
     ``base`` (optional) only names the base model in ``adapter_config.json``."""
-    if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-        raise SubspacesError(f"lora_svd rank={rank!r}: must be a positive integer")
+    check_int("lora_svd", "rank", rank, 1)
     check_out(out)
     sets = read_loras(models)
     w = check_weights(weights, len(sets), "lora_svd")

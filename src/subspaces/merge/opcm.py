@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from .._errors import SubspacesError
 from .._registry import MERGE
-from ._stream import Base, StreamStep, check_hyperparameters, order, require_models, run_stream, sq_norm
+from ._stream import Base, StreamMethod, StreamStep, order, require_models, sq_norm
 
 PAPER = "https://arxiv.org/abs/2501.09522"
 _EMBEDDING_MODULES = ("wte", "wpe", "shared")
@@ -133,14 +133,8 @@ def _opcm(b: Base, lin: set[str], models: Iterable[tuple[int, Any]], alpha: floa
 
 
 @MERGE.register("opcm", paper=PAPER, status="complete")
-class OPCM:
+class OPCM(StreamMethod):
     """Registry entry: ``ss.merge_stream("opcm", ...)`` yields after each model; ``ss.merge("opcm", ...)`` runs to the
     end (and writes ``out``)."""
 
-    kind = "stream"
     stream = staticmethod(stream)
-
-    @staticmethod
-    def run(*, base: Any, models: Iterable[Any], out: Any = None, **hp: Any) -> Any:
-        check_hyperparameters("opcm", stream, hp)
-        return run_stream("opcm", stream, base=base, models=models, out=out, **hp)

@@ -18,7 +18,8 @@ import torch
 
 from .._errors import SubspacesError
 from .._registry import MERGE
-from ._sparsify import disjoint_merge, kth_largest_abs, magnitude_threshold, trim as trim_delta, votes, weights_or_ones
+from ._sparsify import (disjoint_merge, kth_largest_abs, magnitude_threshold, per_model, trim as trim_delta, votes,
+                        weights_or_ones)
 
 
 @MERGE.register("ties", paper="https://arxiv.org/abs/2306.01708")
@@ -33,13 +34,9 @@ def ties(base: torch.Tensor, deltas: Sequence[torch.Tensor], *, weights: Sequenc
                                            normalize, _majority)
 
 
-def _densities(density, n: int) -> list[float]:
-    return list(density) if isinstance(density, (list, tuple)) else [density] * n
-
-
 def _trimmed(deltas, density, thresholds) -> torch.Tensor:
     cut = thresholds if thresholds is not None else [None] * len(deltas)
-    return torch.stack([trim_delta(d, k, c) for d, k, c in zip(deltas, _densities(density, len(deltas)), cut)])
+    return torch.stack([trim_delta(d, k, c) for d, k, c in zip(deltas, per_model(density, len(deltas)), cut)])
 
 
 def _check(consensus: str, trim: str) -> None:
@@ -60,7 +57,7 @@ def _prepare(inputs: Iterable[tuple[torch.Tensor, list[torch.Tensor]]], *, trim:
             if len(magnitudes) <= t:
                 magnitudes.append([])
             magnitudes[t].append(d.detach().abs().reshape(-1).float().cpu())
-    dens = _densities(density, len(magnitudes))
+    dens = per_model(density, len(magnitudes))
     return {"_thresholds": [float(magnitude_threshold(torch.cat(m), k, official=True))
                             for m, k in zip(magnitudes, dens)]}
 
@@ -70,7 +67,7 @@ def _tensor_stats(blocks: Callable[[], Iterable], *, density=0.2, weights=None, 
     """What a block of rows needs from its whole tensor: each task's trim threshold (exact, streamed) and the
     tensor's majority sign."""
     n = blocks.n_models
-    dens = _densities(density, n)
+    dens = per_model(density, n)
     if _thresholds is None and min(dens) < 1:
         ks = [max(1, int(k * blocks.numel)) for k in dens]
         _thresholds = kth_largest_abs(lambda: (d for _, d in blocks()), ks)
