@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore"}
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1"}
 QUICK = ["--max-train", "64", "--max-test", "32", "--epochs", "1", "--batch-size", "16"]
 
 

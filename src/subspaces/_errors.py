@@ -13,6 +13,11 @@ class SubspacesError(ValueError):
     """
 
 
+class SubspacesWarning(UserWarning):
+    """A warning of ours (a useless setting, a fallback taken). The command line shows these and hides the
+    third-party ones unless ``--verbose``."""
+
+
 def did_you_mean(name: str, choices: Iterable[str]) -> str:
     choices = sorted(choices)
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.5)

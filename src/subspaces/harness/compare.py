@@ -110,7 +110,13 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def _child(kw: dict[str, Any], queue) -> None:
+def _child(kw: dict[str, Any], queue, log_level: int, warning_filters: list) -> None:
+    import logging
+    import warnings
+
+    # a spawned process starts with default logging and warnings: keep the parent's (the CLI quiets third parties)
+    logging.getLogger().setLevel(log_level)
+    warnings.filters[:] = warning_filters
     try:
         queue.put(("ok", finetune(**kw)[0]))
     except SubspacesError as e:
@@ -124,12 +130,14 @@ def _child(kw: dict[str, Any], queue) -> None:
 def _run_in_fresh_process(kw: dict[str, Any]) -> dict[str, Any]:
     """One run in a new process, so its wall time and peak memory owe nothing to the runs before it (memory
     freed by an earlier run stays in this process's heap and would hide the next run's growth)."""
+    import logging
     import multiprocessing
+    import warnings
     from queue import Empty
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(kw, queue))
+    proc = ctx.Process(target=_child, args=(kw, queue, logging.getLogger().level, list(warnings.filters)))
     proc.start()
     try:
         while True:

@@ -102,11 +102,8 @@ def finetune(
 ) -> tuple[dict[str, Any], torch.nn.Module]:
     """Train and evaluate; returns (metrics, trained classifier). Metrics: accuracy, trainable parameters,
     wall time (s), peak memory (MB), loss history."""
-    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
-
     from ..data import load_task
     from ..models import load_encoder
-    from ..integrations.hf_trainer import AdapterSchedule, RichProgress
     from ._classifier import Collator, MeanPoolClassifier, embed, encode
 
     hyperparameters = dict(hyperparameters or {})
@@ -116,6 +113,11 @@ def finetune(
     lr = lr if lr is not None else DEFAULT_LR.get(method, DEFAULT_LR["adapter"])
     data = load_task(task, seed=seed)
     encoder, tokenizer = load_encoder(model)
+    # after the input is checked: the Trainer imports peft, and peft bitsandbytes, where installed (seconds)
+    from transformers import PrinterCallback, Trainer, TrainingArguments, set_seed
+
+    from ..integrations.hf_trainer import AdapterSchedule, RichProgress
+
     set_seed(seed)
     train = encode(tokenizer, data.train_texts[:max_train], data.train_labels[:max_train], max_length)
     test = encode(tokenizer, data.test_texts[:max_test], data.test_labels[:max_test], max_length)

@@ -56,6 +56,10 @@ def read_config(path: str | Path) -> dict[str, Any]:
 
     try:
         cfg = yaml.safe_load(Path(path).read_text())
+    except yaml.MarkedYAMLError as e:  # its str() quotes the file over several lines: keep the problem and where
+        mark = e.problem_mark
+        raise SubspacesError(f"cannot read {path}: invalid YAML at line {mark.line + 1}, column {mark.column + 1}: "
+                             f"{e.problem}") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise SubspacesError(f"cannot read {path}: {e}") from None
     if not isinstance(cfg, dict):

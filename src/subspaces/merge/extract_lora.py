@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .._errors import SubspacesError
+from .._errors import SubspacesError, SubspacesWarning
 from .._targets import Selector, select
 from ..adapters._core import check_int, linear_dims, master_dtype
 from ..linalg import truncated_svd
@@ -88,7 +88,7 @@ def extract_lora(base: Any, finetuned: Any, *, rank: int, targets: Selector = "a
     untouched = _changed_outside(base_m, ft, {f"{n}.weight" for n in base_layers})
     if untouched:
         warnings.warn(f"extract_lora: {len(untouched)} tensor(s) differ outside the targeted weights and are not in "
-                      f"the LoRA (e.g. {untouched[0]!r})", stacklevel=2)
+                      f"the LoRA (e.g. {untouched[0]!r})", SubspacesWarning, stacklevel=2)
     factors, report = {}, []
 
     def process(name: str, ft_layer: nn.Module, stats: Any) -> None:

@@ -20,7 +20,7 @@ import warnings
 import torch
 from torch import Tensor
 
-from .._errors import SubspacesError
+from .._errors import SubspacesError, SubspacesWarning
 from .._registry import TRAIN
 from ..linalg import truncated_svd
 from ._projector import Projector, State, side_of
@@ -57,7 +57,7 @@ class GaLore(Projector):
                         f"GaLore: the SVD of a {tuple(grad.shape)} gradient failed at the first step "
                         "(non-finite values?)") from None
                 warnings.warn(f"GaLore: SVD failed for a {tuple(grad.shape)} gradient; keeping the previous basis",
-                              stacklevel=3)
+                              SubspacesWarning, stacklevel=3)
                 return
         assert Q.shape[1] == r
         state["basis"] = Q.to(grad.dtype).contiguous()
