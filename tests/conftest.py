@@ -149,3 +149,30 @@ def tiny_plain():
 @pytest.fixture
 def clone():
     return copy.deepcopy
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def tiny_lm_folder(path, seed: int = 0):
+    """A tiny random LLaMA saved as a Hugging Face folder with a byte-level BPE tokenizer of its own (vocabulary
+    ~300, trained in a second on digits and words, with eos, pad and a chat template): for causal-LM runs."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import subspaces as ss
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    text = [r["prompt"] + r["completion"] for r in ss.data.arithmetic_task().train[:200]]
+    bpe.train_from_iterator(text, trainers.BpeTrainer(vocab_size=300, special_tokens=["</s>", "<pad>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", pad_token="<pad>")
+    tok.chat_template = CHAT_TEMPLATE
+    ss.models.tiny_llama(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                         seed=seed, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id
+                         ).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

@@ -35,8 +35,9 @@ def test_compress_writes_model_and_reports(tiny_lm, tmp_path):
     assert (out / "report.md").read_text().startswith("# svd_llm")
     assert (out / "model" / "compression.json").is_file()
     from subspaces.harness import compress as H
+    from subspaces.models import load_causal_lm
 
-    model, tok = H.load_causal_lm(str(out / "model"), torch.float32, torch.device("cpu"))
+    model, tok = load_causal_lm(str(out / "model"), torch.float32, torch.device("cpu"))
     windows = H.eval_windows(H.corpus_split(tok)[1], 32, 4)
     assert H.perplexity(model, windows) == pytest.approx(result["ppl_after"], rel=1e-5)
     r = cli("compress", "--model", out / "model", "-m", "svd", "--out", tmp_path / "again", *QUICK)

@@ -139,10 +139,11 @@ def test_package_groups(cache, group):
 def test_load_task_and_registry(cache):
     assert set(D.TASKS) == {
         "docstring", "concurrency", "net", "formats", "devtools", "chatterbot-topics", "chatterbot-languages",
+        "arithmetic",
     }
     assert D.TASKS["net"]() == D.load_task("net") == D.package_group_task("net")
     assert D.load_task("docstring", seed=3) == D.docstring_task(seed=3)
-    with pytest.raises(ValueError, match="unknown task .docstrings.*Valid: chatterbot-languages") as e:
+    with pytest.raises(ValueError, match="unknown task .docstrings.*Valid: arithmetic, chatterbot-languages") as e:
         D.load_task("docstrings")
     assert "Did you mean 'docstring'" in str(e.value)
     with pytest.raises(ValueError, match="package group"):

@@ -6,8 +6,8 @@ import torch
 from conftest import llama_causal
 
 from subspaces import SubspacesError
-from subspaces.harness.compare import leaderboard, parse_method, summarize
-from subspaces.harness.finetune import default_targets
+from subspaces.harness._methods import default_targets, parse_method
+from subspaces.harness.compare import leaderboard, summarize
 
 
 def test_parse_method_specs():
@@ -74,8 +74,10 @@ def test_compare_runs_every_method_for_every_seed(tmp_path, monkeypatch):
     assert [r["label"] for r in board] == ["full", "probe", "lora"]  # ties keep the run order
     assert all(r["seeds"] == [0, 1] and abs(r["test_accuracy_std"] - 0.0707107) < 1e-6 for r in board)
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert len(saved["runs"]) == 6 and saved["seeds"] == [0, 1]
-    assert (tmp_path / "leaderboard.png").exists()
+    assert len(saved["runs"]) == 6 and saved["config"]["seeds"] == [0, 1]
+    assert saved["config"]["methods"] == ["probe", "lora", "full"] and saved["config"]["model"] == "minilm"
+    assert saved["versions"]["torch"] == torch.__version__
+    assert (tmp_path / "leaderboard.png").exists() and (tmp_path / "loss_curves.png").exists()
     board = cmp.compare(["lora"], out=tmp_path / "alone", seeds=[2], baselines=False)
     assert [(r["label"], r["seeds"]) for r in board] == [("lora", [2])]
 
@@ -142,3 +144,23 @@ def test_train_head_false_puts_the_head_in_the_subspace_only():
     assert [n for n, _ in adapted_layers(clf)][-1] == "classifier"
     assert sum(p.numel() for p in clf.parameters() if p.requires_grad) == 40  # θ_d and λ, nothing else
     assert not any(p.requires_grad for n, p in clf.classifier.named_parameters() if not n.startswith("delta."))
+
+
+def test_macro_f1_matches_scikit_learn():
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from subspaces.harness.finetune import classification_scores
+
+    g = torch.Generator().manual_seed(0)
+    labels = torch.randint(0, 5, (200,), generator=g)
+    pred = torch.where(torch.rand(200, generator=g) < 0.6, labels, torch.randint(0, 5, (200,), generator=g))
+    pred[pred == 4] = 3  # a class never predicted
+    s = classification_scores(pred.numpy(), labels.numpy(), num_labels=6)  # class 5: neither true nor predicted
+    assert s["test_accuracy"] == pytest.approx(accuracy_score(labels, pred))
+    assert s["test_macro_f1"] == pytest.approx(f1_score(labels, pred, average="macro"))
+
+
+def test_leaderboard_of_a_causal_lm_without_answers_sorts_by_loss():
+    rows = [{"label": "a", "test_accuracy": None, "eval_loss": 2.0, "trainable_params": 1},
+            {"label": "b", "test_accuracy": None, "eval_loss": 1.0, "trainable_params": 1}]
+    assert [r["label"] for r in leaderboard(rows)] == ["b", "a"]

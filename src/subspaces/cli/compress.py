@@ -53,7 +53,7 @@ def compress(
     logits), the per-layer report as report.json and report.md (rank, parameters, weight and output error)."""
     from rich.console import Console
 
-    from ..harness.compare import parse_params
+    from ..harness._methods import parse_params
     from ..harness.compress import compress_lm
 
     if ratio is None and rank is None and energy is None:

@@ -59,7 +59,7 @@ def extract_lora(
     from rich.table import Table
 
     from .._errors import SubspacesError
-    from ..harness.compress import load_causal_lm
+    from ..models import load_causal_lm
     from ..merge._shards import check_new_output
     from ..merge.extract_lora import extract_lora as run
 

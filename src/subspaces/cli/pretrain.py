@@ -57,7 +57,7 @@ def pretrain(
     parameters; writes results.json, loss_curve.png and results.md."""
     from rich.console import Console
 
-    from ..harness.compare import parse_params
+    from ..harness._methods import parse_params
     from ..harness.pretrain import COMPARE_METHODS, check_method, compare as run_compare, pretrain as run_one, \
         rows as result_rows
 

@@ -6,8 +6,11 @@ from typing import Annotated, Optional
 
 import typer
 
+from .._errors import SubspacesError
 from . import app
-from ._common import is_main_process, output_dir, results_table
+from ._common import (AnswerPattern, BatchSize, CompletionColumn, Data, Epochs, LabelColumn, MaxLength, MaxNewTokens,
+                      MaxSteps, MessagesColumn, Model, Packing, PromptColumn, Split, Task, TestFraction, TextColumn,
+                      Validation, is_main_process, output_dir, results_table, task_and_options)
 
 Opt = typer.Option
 
@@ -24,7 +27,7 @@ def parse_targets(text: str | None):
 
 
 def hyperparameters(params: list[str], rank, alpha, targets) -> dict:
-    from ..harness.compare import parse_params
+    from ..harness._methods import parse_params
 
     hp = parse_params(",".join(params), "--param")
     for key, value in (("rank", rank), ("alpha", alpha), ("targets", parse_targets(targets))):
@@ -35,19 +38,34 @@ def hyperparameters(params: list[str], rank, alpha, targets) -> dict:
 
 @app.command("tune")
 def tune(
-    method: Annotated[str, Opt("--method", "-m", help="'probe', 'full' or an adapter (see `subspaces methods`)")] = "lora",
-    model: Annotated[str, Opt(help="'minilm' (embedded default) or a Hugging Face model folder")] = "minilm",
-    task: Annotated[str, Opt(help="docstring, concurrency, net, formats, devtools, chatterbot-topics, "
-                                  "chatterbot-languages")] = "docstring",
+    method: Annotated[str, Opt("--method", "-m", help="'probe' or 'zero-shot', 'full', an adapter or a train method "
+                                                      "(see `subspaces methods`)")] = "lora",
+    task: Task = "docstring",
+    data: Data = None,
+    model: Model = None,
+    validation: Validation = None,
+    split: Split = None,
+    test_fraction: TestFraction = None,
+    text_column: TextColumn = None,
+    label_column: LabelColumn = None,
+    prompt_column: PromptColumn = None,
+    completion_column: CompletionColumn = None,
+    messages_column: MessagesColumn = None,
+    answer_pattern: AnswerPattern = None,
     rank: Annotated[Optional[int], Opt(help="adapter rank")] = None,
     alpha: Annotated[Optional[float], Opt(help="adapter alpha (LoRA scaling alpha/rank)")] = None,
     targets: Annotated[Optional[str], Opt(help="modules to adapt: 'query,value' (name suffixes), 'all-linear', "
                                                "or 're:<regex>'; default W_q and W_v")] = None,
     param: Annotated[list[str], Opt("--param", "-p", help="any other hyperparameter, key=value (repeatable)")] = [],
-    epochs: Annotated[float, Opt(help="training epochs")] = 3,
-    lr: Annotated[Optional[float], Opt(help="learning rate (default: probe 3e-2, full 1e-4, adapters 1e-3; the head at least 5e-3)")] = None,
-    batch_size: Annotated[int, Opt(help="global batch size (split across torchrun processes)")] = 32,
-    max_length: Annotated[int, Opt(help="max tokens per text")] = 64,
+    epochs: Epochs = None,
+    max_steps: MaxSteps = None,
+    lr: Annotated[Optional[float], Opt(help="learning rate (default: classification probe 3e-2, full and train "
+                                            "methods 1e-4, adapters 1e-3 (the head at least 5e-3); causal LM full "
+                                            "5e-5, adapters 1e-3, train methods 1e-4)")] = None,
+    batch_size: BatchSize = None,
+    max_length: MaxLength = None,
+    max_new_tokens: MaxNewTokens = 64,
+    packing: Packing = False,
     max_train: Annotated[Optional[int], Opt(help="use only the first N training examples")] = None,
     max_test: Annotated[Optional[int], Opt(help="use only the first N test examples")] = None,
     seed: Annotated[int, Opt(help="seed of the split, the initialization and the data order")] = 0,
@@ -55,35 +73,50 @@ def tune(
     adapter: Annotated[Optional[Path], Opt(help="start from this saved adapter (native or PEFT folder)")] = None,
     out: Annotated[Optional[Path], Opt(help="output folder (new or empty); default runs/tune-<method>-<time>")] = None,
 ) -> None:
-    """Fine-tune one method on a text-classification task; save the adapter (native and, when LoRA-shaped,
-    PEFT format) and metrics.json. Works under `torchrun --nproc_per_node N`."""
+    """Fine-tune one method on a task — text classification or a causal LM on prompt/completion data — evaluate
+    it and save the result: an adapter (native and, when LoRA-shaped, PEFT format) or the trained weights,
+    metrics.json and, for a causal LM, generations.jsonl. Works under `torchrun --nproc_per_node N`."""
     from rich.console import Console
 
     from .. import save_adapter
-    from .._errors import SubspacesError
     from .._io import atomic_dir, write_json, write_safetensors
-    from ..harness import finetune
-    from ..harness.compare import check_method
+    from ..harness.compare import DEFAULTS
+    from ..harness.finetune import finetune
+    from ..harness.sft import finetune_lm
+    from ..harness._methods import check_method
 
-    check_method(method)
+    spec, opts = task_and_options(locals())
+    kind = check_method(method, spec.kind)
     hp = hyperparameters(param, rank, alpha, targets)
+    defaults = DEFAULTS[spec.kind]
+    opts = {**{k: v for k, v in defaults.items() if k != "model"}, **{k: v for k, v in opts.items() if v is not None}}
+    model = model or defaults["model"]
     out = output_dir(out, f"tune-{method}")
-    metrics, clf = finetune(model=model, task=task, method=method, hyperparameters=hp, epochs=epochs, seed=seed,
-                            lr=lr, batch_size=batch_size, max_length=max_length, max_train=max_train,
-                            max_test=max_test, bf16=bf16, adapter=adapter, progress=is_main_process())
+    recipe = finetune_lm if spec.kind == "causal-lm" else finetune
+    metrics, trained, *tokenizer = recipe(model=model, task=spec.load(seed), method=method, hyperparameters=hp,
+                                          seed=seed, lr=lr, adapter=adapter, progress=is_main_process(), **opts)
     if not is_main_process():
         return
+    generations = metrics.pop("generations", None)
     with atomic_dir(out) as tmp:
-        if method in ("probe", "full"):
-            trained = {k: p for k, p in clf.named_parameters() if p.requires_grad}
-            write_safetensors(tmp / "weights.safetensors", trained)
-        else:
-            save_adapter(clf, tmp / "adapter")
+        if kind == "adapter":
+            save_adapter(trained, tmp / "adapter")
             try:
-                save_adapter(clf, tmp / "adapter-peft", format="peft")
+                save_adapter(trained, tmp / "adapter-peft", format="peft")
             except SubspacesError:
                 pass  # not LoRA-shaped: the native format holds it
+        elif tokenizer and method != "zero-shot" and not metrics["reparameterized"]:  # a causal LM: a model folder
+            trained.save_pretrained(tmp / "model")
+            tokenizer[0].save_pretrained(tmp / "model")
+        elif method != "zero-shot":
+            weights = {k: p.detach() for k, p in trained.named_parameters() if p.requires_grad}
+            write_safetensors(tmp / "weights.safetensors", {k: v.contiguous() for k, v in weights.items()})
         write_json(tmp / "metrics.json", metrics)
+        if generations is not None:
+            import json
+
+            (tmp / "generations.jsonl").write_text("".join(json.dumps(g, ensure_ascii=False) + "\n"
+                                                           for g in generations), encoding="utf-8")
     console = Console()
-    console.print(results_table([metrics], f"{method} on {task} ({model})"))
+    console.print(results_table([metrics], f"{method} on {spec.name} ({model})"))
     console.print(f"saved to {out}/")

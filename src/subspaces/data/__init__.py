@@ -11,6 +11,10 @@ Text tasks (:class:`TextTask`, 80/20 stratified split, deterministic for a ``see
 * ``"chatterbot-topics"`` -- English dialog utterance -> topic file (21 labels);
 * ``"chatterbot-languages"`` -- dialog utterance -> language (28 labels).
 
+Causal-LM task (:class:`SFTTask`): ``"arithmetic"`` -- GSM8K-style word problems generated in code, with worked
+answers ending in ``#### N``. A user's file becomes either kind: ``load_task("classification", data="x.csv")`` or
+``load_task("causal-lm", data="x.jsonl")`` (``_files.py``: read by Hugging Face ``datasets``).
+
 Corpora and images: :func:`pydoc_corpus` (~465k characters of English documentation) and
 :func:`mnist5k` (5,000 real MNIST digits, 500 per class).
 """
@@ -23,8 +27,9 @@ import sysconfig
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, ClassVar
 
+from ._sft import GSM8K_ANSWER, SFTTask, arithmetic_task, extract_answer
 from ._stdlib import package_docstrings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -32,6 +37,11 @@ if TYPE_CHECKING:  # pragma: no cover
 
 __all__ = [
     "TextTask",
+    "SFTTask",
+    "TaskSpec",
+    "GSM8K_ANSWER",
+    "arithmetic_task",
+    "extract_answer",
     "DOCSTRING_PACKAGES",
     "PACKAGE_GROUPS",
     "TASKS",
@@ -62,6 +72,7 @@ PACKAGE_GROUPS: dict[str, tuple[str, ...]] = {
 class TextTask:
     """A text classification task with a fixed train / test split; labels index ``label_names``."""
 
+    kind: ClassVar[str] = "classification"
     name: str
     label_names: list[str]
     train_texts: list[str]
@@ -254,24 +265,90 @@ def chatterbot_languages(*, seed: int = 0, test_fraction: float = 0.2) -> TextTa
 
 # --------------------------------------------------------------------------- registry of tasks
 
-_LOADERS: dict[str, Callable[..., TextTask]] = {
+_LOADERS: dict[str, Callable[..., TextTask | SFTTask]] = {
     "docstring": docstring_task,
     **{g: functools.partial(package_group_task, g) for g in PACKAGE_GROUPS},
     "chatterbot-topics": chatterbot_topics,
     "chatterbot-languages": chatterbot_languages,
+    "arithmetic": arithmetic_task,
 }
 
 #: Task name -> zero-argument loader (each also accepts ``seed=``).
-TASKS: dict[str, Callable[..., TextTask]] = {name: functools.partial(fn) for name, fn in _LOADERS.items()}
+TASKS: dict[str, Callable[..., TextTask | SFTTask]] = {name: functools.partial(fn) for name, fn in _LOADERS.items()}
+
+#: The options a user's file takes, per kind of task (``load_task(kind, data=..., **options)``).
+FILE_OPTIONS = {
+    "classification": ("text_column", "label_column", "validation", "test_fraction", "split"),
+    "causal-lm": ("prompt_column", "completion_column", "messages_column", "validation", "test_fraction", "split",
+                  "answer_pattern"),
+}
 
 
-def load_task(name: str, seed: int = 0) -> TextTask:
-    """Load a text task by name (see :data:`TASKS`) with the split given by ``seed``."""
+def load_task(name: str, seed: int = 0, *, data: str | Path | None = None, **options: Any) -> TextTask | SFTTask:
+    """An embedded task by name (see :data:`TASKS`) with the split given by ``seed``; or, with ``data``, a user's
+    file read as ``name`` = ``"classification"`` or ``"causal-lm"`` with :data:`FILE_OPTIONS` (columns,
+    ``validation`` file, ``test_fraction``, ``split``, ``answer_pattern``). Options left None take their defaults."""
+    from .._errors import SubspacesError, did_you_mean
+
+    options = {k: v for k, v in options.items() if v is not None}
+    if "answer_pattern" in options:
+        _check_pattern(options["answer_pattern"])
+    if data is not None:
+        if name not in FILE_OPTIONS:
+            raise SubspacesError(f"with a data file the task is 'classification' or 'causal-lm', not {name!r}")
+        wrong = sorted(set(options) - set(FILE_OPTIONS[name]))
+        if wrong:
+            raise SubspacesError(f"{', '.join(wrong)}: not an option of a {name} file; it takes "
+                                 f"{', '.join(FILE_OPTIONS[name])}")
+        from ._files import classification_task, sft_task
+
+        return (classification_task if name == "classification" else sft_task)(data, seed=seed, **options)
+    if name in FILE_OPTIONS:
+        raise SubspacesError(f"task {name!r} needs a data file (--data PATH); embedded tasks: {', '.join(_LOADERS)}")
     if name not in _LOADERS:
-        from .._errors import SubspacesError, did_you_mean
-
         raise SubspacesError(f"unknown task {name!r}." + did_you_mean(name, _LOADERS))
-    return _LOADERS[name](seed=seed)
+    extra = sorted(set(options) - {"answer_pattern"})
+    if extra:
+        raise SubspacesError(f"{', '.join(extra)}: options of a data file (--data), not of the embedded task {name!r}")
+    task = _LOADERS[name](seed=seed)
+    if "answer_pattern" in options:
+        if task.kind != "causal-lm":
+            raise SubspacesError(f"answer_pattern applies to causal-LM tasks; {name!r} is a classification task")
+        task.answer_pattern = options["answer_pattern"]
+    return task
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A task as the command line names it (an embedded name, or a kind with a data file and its options), loaded
+    per seed (the split depends on it); picklable, so a spawned run can load it."""
+
+    name: str
+    data: str | None = None
+    options: tuple[tuple[str, Any], ...] = ()
+
+    @property
+    def kind(self) -> str:
+        """"classification" or "causal-lm" (an unknown embedded name raises the usual error)."""
+        if self.data is not None:
+            return self.name
+        if self.name not in _LOADERS:
+            load_task(self.name)  # the error: needs a data file, or unknown task
+        return "causal-lm" if _LOADERS[self.name] is arithmetic_task else "classification"
+
+    def load(self, seed: int = 0) -> TextTask | SFTTask:
+        return load_task(self.name, seed, data=self.data, **dict(self.options))
+
+
+def _check_pattern(pattern: str) -> None:
+    import re
+
+    from .._errors import SubspacesError
+
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise SubspacesError(f"answer pattern {pattern!r}: not a valid regular expression ({e})") from None
 
 
 # --------------------------------------------------------------------------- corpora and images

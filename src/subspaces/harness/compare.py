@@ -1,124 +1,136 @@
-"""Several methods on the same model, task and budget; a leaderboard saved as JSON and a PNG plot."""
+"""Several methods on the same model, task and budget: adapters, train-family optimizers and the baselines in one
+leaderboard, saved as results.json (the run's config, package versions, per-run metrics over steps, memory, time,
+artifact size), leaderboard.png (accuracy against trainable parameters and against peak memory), loss_curves.png and,
+for causal LMs, a sample of generations per run under generations/."""
 from __future__ import annotations
 
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
-from .._errors import SubspacesError
 from .._io import atomic_path, write_json
-from .finetune import BASELINES, finetune
+from ._methods import BASELINES, parse_method
+from ._run import versions
+
+#: Per task kind: the recipe's defaults (the CLI's unset options take these).
+DEFAULTS = {
+    "classification": {"model": "minilm", "epochs": 3, "batch_size": 32, "max_length": 64},
+    "causal-lm": {"model": "smollm2", "epochs": 1, "batch_size": 8, "max_length": 256},
+}
+AVERAGED = ("test_accuracy", "test_macro_f1", "eval_loss", "eval_perplexity", "wall_time_s", "peak_memory_mb",
+            "optimizer_state_bytes")
 
 
-def parse_params(text: str, context: str) -> dict[str, Any]:
-    """``"rank=16,alpha=32,targets=[query, value]"`` -> a dict; values are read as YAML scalars or lists."""
-    import yaml
-
-    hp: dict[str, Any] = {}
-    depth, item = 0, ""
-    for ch in text + ",":  # split on commas outside brackets
-        depth += (ch in "[{") - (ch in "]}")
-        if ch == "," and depth == 0:
-            if item.strip():
-                key, eq, value = item.partition("=")
-                if not eq or not key.strip():
-                    raise SubspacesError(f"{context}: expected key=value,... (got {item!r})")
-                try:
-                    hp[key.strip()] = _number(yaml.safe_load(value))
-                except yaml.YAMLError:
-                    raise SubspacesError(f"{context}: cannot parse the value of {key.strip()!r}") from None
-            item = ""
-        else:
-            item += ch
-    if depth:
-        raise SubspacesError(f"{context}: unbalanced brackets in {text!r}")
-    return hp
-
-
-def _number(value: Any) -> Any:
-    """YAML 1.1 reads ``3e-2`` (no dot) as a string: take it as the float a user means."""
-    if isinstance(value, str) and any(c.isdigit() for c in value):
-        try:
-            return float(value)
-        except ValueError:
-            pass
-    return value
-
-
-def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"lora"`` or ``"lora:rank=16,alpha=32,targets=[query, value]"`` -> (name, hyperparameters)."""
-    name, _, rest = spec.partition(":")
-    check_method(name.strip())
-    return name.strip(), parse_params(rest, f"method {spec!r}")
-
-
-def check_method(name: str) -> None:
-    from .._registry import ADAPTERS
-
-    if name not in BASELINES and name not in ADAPTERS:
-        from .._errors import did_you_mean
-
-        valid = [*BASELINES, *(e.name for e in ADAPTERS)]
-        raise SubspacesError(f"unknown method {name!r}." + did_you_mean(name, valid))
+def score(row: dict[str, Any]) -> float:
+    """The leaderboard's key: accuracy where the task has one, else minus the held-out loss."""
+    acc = row.get("test_accuracy")
+    return acc if acc is not None else -row.get("eval_loss", float("inf"))
 
 
 def leaderboard(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return sorted(rows, key=lambda r: (-r["test_accuracy"], r["trainable_params"]))
+    return sorted(rows, key=lambda r: (-score(r), r["trainable_params"]))
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per label over its seeds: mean test accuracy with its sample standard deviation, mean wall time
-    and peak memory; sorted as a leaderboard."""
-    import statistics
-
+    """One row per label over its seeds: the mean of each metric (:data:`AVERAGED`) and the sample standard
+    deviation of accuracy and loss; sorted as a leaderboard."""
     by_label: dict[str, list[dict[str, Any]]] = {}
     for r in runs:
         by_label.setdefault(r["label"], []).append(r)
     rows = []
     for label, rs in by_label.items():
-        acc = [r["test_accuracy"] for r in rs]
-        rows.append({**rs[0], "seed": None, "seeds": [r["seed"] for r in rs],
-                     "test_accuracy": statistics.fmean(acc),
-                     "test_accuracy_std": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                     "test_accuracies": acc,
-                     "wall_time_s": statistics.fmean(r["wall_time_s"] for r in rs),
-                     "peak_memory_mb": statistics.fmean(r["peak_memory_mb"] for r in rs)})
+        row = {**rs[0], "seed": None, "seeds": [r["seed"] for r in rs]}
+        for key in AVERAGED:
+            values = [r[key] for r in rs if r.get(key) is not None]
+            if len(values) == len(rs):
+                row[key] = statistics.fmean(values)
+                if key in ("test_accuracy", "eval_loss"):
+                    row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+                    row[key.replace("test_accuracy", "test_accuracies").replace("eval_loss", "eval_losses")] = values
+        rows.append(row)
     return leaderboard(rows)
 
 
 def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
+    """Accuracy (or held-out loss) against trainable parameters and against peak memory, one point per method."""
+    plt = _pyplot()
+    acc = all(r.get("test_accuracy") is not None for r in rows)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    for ax, key, xlabel in ((axes[0], "trainable_params", "trainable parameters"),
+                            (axes[1], "peak_memory_mb", "peak memory (MB)")):
+        for i, r in enumerate(rows):
+            x, y = max(r[key], 1), r["test_accuracy"] if acc else r["eval_loss"]
+            ax.scatter(x, y, s=40, color=plt.cm.tab20(i % 20))
+            ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("test accuracy" if acc else "held-out loss")
+    fig.suptitle(title)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_losses(runs: list[dict[str, Any]], path: Path, title: str) -> None:
+    """The training loss over steps of every run (one line per method and seed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    for r in runs:
+        steps = [h["step"] for h in r["loss_history"]]
+        if steps:
+            color = plt.cm.tab20(labels.index(r["label"]) % 20)
+            ax.plot(steps, [h["loss"] for h in r["loss_history"]], color=color, alpha=0.8, lw=1,
+                    label=r["label"] if r["seed"] == runs[0]["seed"] else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, r in enumerate(rows):
-        ax.scatter(r["trainable_params"], r["test_accuracy"], s=40, color=plt.cm.tab20(i % 20))
-        ax.annotate(r["label"], (r["trainable_params"], r["test_accuracy"]), textcoords="offset points",
-                    xytext=(5, 4), fontsize=9)
-    ax.set_xscale("log")
-    ax.margins(x=0.15, y=0.1)  # room for the labels of the end points
-    ax.set_xlabel("trainable parameters (log scale)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title)
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
+    return plt
+
+
+def _save(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    _pyplot().close(fig)
+
+
+def run_one(kw: dict[str, Any]) -> dict[str, Any]:
+    """One run of the recipe of the task's kind (``kw["task"]``: a :class:`~subspaces.data.TaskSpec`)."""
+    from .finetune import finetune
+    from .sft import finetune_lm
+
+    kw = dict(kw)
+    spec = kw.pop("task")
+    recipe = finetune_lm if spec.kind == "causal-lm" else finetune
+    return recipe(task=spec.load(kw["seed"]), **kw)[0]
 
 
 def _child(kw: dict[str, Any], queue, log_level: int, warning_filters: list) -> None:
     import logging
     import warnings
 
+    from .._errors import SubspacesError
+
     # a spawned process starts with default logging and warnings: keep the parent's (the CLI quiets third parties)
     logging.getLogger().setLevel(log_level)
     warnings.filters[:] = warning_filters
     try:
-        queue.put(("ok", finetune(**kw)[0]))
+        queue.put(("ok", run_one(kw)))
     except SubspacesError as e:
         queue.put(("error", str(e)))
     except BaseException:
@@ -134,6 +146,8 @@ def _run_in_fresh_process(kw: dict[str, Any]) -> dict[str, Any]:
     import multiprocessing
     import warnings
     from queue import Empty
+
+    from .._errors import SubspacesError
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
@@ -161,36 +175,47 @@ def compare(
     methods: list[str],
     *,
     out: Path,
-    model: str = "minilm",
-    task: str = "docstring",
-    epochs: float = 3,
+    task: Any = "docstring",
+    model: str | None = None,
     seeds: list[int] = (0,),
     baselines: bool = True,
     on_result=None,
     **run_kw: Any,
 ) -> list[dict[str, Any]]:
-    """Run each method spec (plus, with ``baselines``, the probe and full fine-tuning) once per seed, writing
-    ``results.json`` after every run (nothing is lost if a later run fails) and ``leaderboard.png`` at the end.
-    Returns the leaderboard: one row per method, accuracy averaged over the seeds (``summarize``)."""
-    parsed = [(s, *parse_method(s)) for s in methods]  # validate every spec before any work
+    """Run each method spec (plus, with ``baselines``, the task kind's baselines: the probe or zero-shot model, and
+    full fine-tuning) once per seed, writing ``results.json`` after every run (nothing is lost if a later run fails)
+    and the plots at the end. ``task``: an embedded name or a :class:`~subspaces.data.TaskSpec`; ``run_kw`` go to
+    the recipe (epochs, batch_size, lr, ...). Returns the leaderboard: one row per method over the seeds."""
+    from ..data import TaskSpec
+
+    spec = TaskSpec(task) if isinstance(task, str) else task
+    kind = spec.kind
+    parsed = [(s, *parse_method(s, kind)) for s in methods]  # validate every spec before any work
+    run_kw = {k: v for k, v in run_kw.items() if v is not None}
+    run_kw = {**{k: v for k, v in DEFAULTS[kind].items() if k != "model"}, **run_kw}
+    model = model or DEFAULTS[kind]["model"]
     names = {name for _, name, _ in parsed}
-    if baselines and "probe" not in names:
-        parsed.insert(0, ("probe", "probe", {}))
-    if baselines and "full" not in names:
-        parsed.append(("full", "full", {}))
+    first, last = BASELINES[kind]
+    if baselines and first not in names:
+        parsed.insert(0, (first, first, {}))
+    if baselines and last not in names:
+        parsed.append((last, last, {}))
     main = int(os.environ.get("RANK", "0")) == 0  # under torchrun only the first process writes
+    isolate = int(os.environ.get("WORLD_SIZE", "1")) == 1
+    config = {"task": spec.name, "data": spec.data, "task_options": dict(spec.options), "task_kind": kind,
+              "model": model, "methods": [label for label, _, _ in parsed], "seeds": list(seeds), **run_kw}
     rows: list[dict[str, Any]] = []
     started = time.time()
-    isolate = int(os.environ.get("WORLD_SIZE", "1")) == 1
-    seeds = list(seeds)
     for seed in seeds:
         for label, name, hp in parsed:
-            kw = dict(model=model, task=task, method=name, hyperparameters=hp, epochs=epochs, seed=seed, **run_kw)
-            metrics = _run_in_fresh_process(kw) if isolate else finetune(**kw)[0]
-            metrics.pop("loss_history")
+            kw = dict(model=model, task=spec, method=name, hyperparameters=hp, seed=seed, **run_kw)
+            metrics = _run_in_fresh_process(kw) if isolate else run_one(kw)
+            generations = metrics.pop("generations", None)
             rows.append({"label": label, **metrics})
             if main:
-                write_json(out / "results.json", {"model": model, "task": task, "epochs": epochs, "seeds": seeds,
+                if generations is not None:
+                    _write_generations(out / "generations" / f"{_slug(label)}-seed{seed}.jsonl", generations)
+                write_json(out / "results.json", {"config": config, "versions": versions(),
                                                   "leaderboard": summarize(rows), "runs": rows})
             if on_result is not None:
                 on_result(rows[-1])
@@ -198,5 +223,18 @@ def compare(
     if main:
         minutes = (time.time() - started) / 60
         which = f"seed {seeds[0]}" if len(seeds) == 1 else f"mean of {len(seeds)} seeds"
-        plot(board, out / "leaderboard.png", f"{task} on {model}: {epochs:g} epochs, {which} ({minutes:.1f} min)")
+        title = f"{spec.name} on {Path(model).name}: {which} ({minutes:.1f} min)"
+        plot(board, out / "leaderboard.png", title)
+        plot_losses(rows, out / "loss_curves.png", title)
     return board
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
+
+
+def _write_generations(path: Path, rows: list[dict[str, Any]]) -> None:
+    import json
+
+    with atomic_path(path) as tmp:
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

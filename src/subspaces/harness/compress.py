@@ -14,36 +14,10 @@ from typing import Any
 import torch
 
 from .._errors import SubspacesError
+from ..models import load_causal_lm
 
 EVAL_FRACTION = 0.1
 FILES = ("model", "report.json", "report.md")
-
-
-def load_causal_lm(model: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
-    """``"smollm2"`` (embedded) or a Hugging Face folder of a causal LM (a compressed folder reloads too)."""
-    from ..models import _offline, _quiet, load_smollm2
-
-    if model == "smollm2":
-        m, tok = load_smollm2(dtype=dtype)
-        return m.to(device), tok
-    path = Path(model)
-    if not (path / "config.json").is_file():
-        raise SubspacesError(f"model {model!r}: not 'smollm2' nor a Hugging Face folder with config.json")
-    _offline()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    try:
-        with _quiet():
-            tok = AutoTokenizer.from_pretrained(path)
-            if (path / "compression.json").is_file():
-                from ..compress import load_compressed
-
-                m = load_compressed(path, dtype=dtype)
-            else:
-                m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
-        raise SubspacesError(f"model {model!r}: cannot load ({str(e).splitlines()[0]})") from None
-    return m.to(device).eval(), tok
 
 
 def corpus_split(tokenizer: Any) -> tuple[torch.Tensor, torch.Tensor]:

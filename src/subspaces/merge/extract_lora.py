@@ -36,7 +36,7 @@ def _load(x: Any, what: str) -> nn.Module:
     if isinstance(x, nn.Module):
         return x
     if isinstance(x, (str, Path)):
-        from ..harness.compress import load_causal_lm
+        from ..models import load_causal_lm
 
         return load_causal_lm(str(x), torch.float32, torch.device("cpu"))[0]
     raise SubspacesError(f"extract_lora {what}: expected an nn.Module or a Hugging Face folder, got {type(x).__name__}")

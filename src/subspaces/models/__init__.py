@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from subspaces._errors import SubspacesError
 from subspaces._io import atomic_folder, cache_dir
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -114,8 +115,6 @@ def load_minilm(num_labels: int | None = None, *, dtype: torch.dtype = torch.flo
 
 def load_encoder(model: str = "minilm") -> tuple[Any, Any]:
     """(AutoModel, tokenizer) for ``"minilm"`` (the embedded default) or a Hugging Face folder path."""
-    from subspaces._errors import SubspacesError
-
     if model == "minilm":
         return load_minilm()
     path = Path(model)
@@ -191,6 +190,31 @@ def load_smollm2(dtype: torch.dtype = torch.float32) -> tuple[LlamaForCausalLM, 
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     model.eval()
     return model, tokenizer
+
+
+def load_causal_lm(model: str, dtype: torch.dtype, device: torch.device) -> tuple[Any, Any]:
+    """``"smollm2"`` (embedded) or a Hugging Face folder of a causal LM (a compressed folder reloads too)."""
+    if model == "smollm2":
+        m, tok = load_smollm2(dtype=dtype)
+        return m.to(device), tok
+    path = Path(model)
+    if not (path / "config.json").is_file():
+        raise SubspacesError(f"model {model!r}: not 'smollm2' nor a Hugging Face folder with config.json")
+    _offline()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        with _quiet():
+            tok = AutoTokenizer.from_pretrained(path)
+            if (path / "compression.json").is_file():
+                from ..compress import load_compressed
+
+                m = load_compressed(path, dtype=dtype)
+            else:
+                m = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise SubspacesError(f"model {model!r}: cannot load ({str(e).splitlines()[0]})") from None
+    return m.to(device).eval(), tok
 
 
 # --------------------------------------------------------------------------- tiny random models
