@@ -47,7 +47,7 @@ def test_training_loss_falls(method, hp):
     assert train[-1] < train[0] - 0.2, train
     assert r["final_val_loss"] < r["curve"][0]["val_loss"] - 0.3
     if method == "galore":  # the default rank is a quarter of the hidden size, and the moments are projected
-        assert r["hyperparameters"]["rank"] == 8 and r["lr"] == pt.DEFAULTS["galore"]["lr"]
+        assert r["hyperparameters"]["rank"] == 8 and r["lr"] == pt.defaults("galore")["lr"] == 1e-2
         assert r["state_vs_adamw"] < 0.8
 
 
@@ -73,10 +73,23 @@ def test_same_seed_same_run_and_global_rng_untouched():
 
 
 def test_schedule_warmup_then_cosine_to_a_tenth():
-    f = pt.schedule(100, 0.1)
-    assert [f(s) for s in range(3)] == pytest.approx([0.1, 0.2, 0.3])
-    assert f(9) == pytest.approx(1.0) and f(10) == pytest.approx(1.0)
-    assert f(99) == pytest.approx(0.1, abs=1e-3) and all(f(s) >= f(s + 1) for s in range(10, 99))
+    opt = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    sched = pt.schedule(opt, 100, 0.1)
+    f = []
+    for _ in range(100):
+        f.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert f[:3] == pytest.approx([0.0, 0.1, 0.2]) and f[10] == pytest.approx(1.0)
+    assert f[99] == pytest.approx(0.1, abs=1e-3) and all(f[s] >= f[s + 1] for s in range(10, 99))
+
+
+def test_defaults_live_with_the_methods():
+    from subspaces._registry import TRAIN
+
+    assert pt.defaults("galore") == {"lr": 1e-2, "scale": 0.25, "update_every": 200}
+    assert pt.defaults("galore") == {"lr": pt.OTHER_LR, **TRAIN.get("galore").defaults["pretrain"]}
+    assert pt.defaults("adamw") == {"lr": pt.BASELINE_LR} and pt.defaults("welore")["lr"] == pt.OTHER_LR
 
 
 def test_validation_is_a_fixed_held_out_tail():
@@ -90,7 +103,7 @@ def test_validation_is_a_fixed_held_out_tail():
 def test_compare_two_methods_writes_rows(tmp_path):
     out = tmp_path / "cmp"
     seen = []
-    table = pt.compare(("adamw", "galore"), steps=4, out=out, on_result=seen.append,
+    table = pt.compare_pretraining(("adamw", "galore"), steps=4, out=out, on_result=seen.append,
                        hyperparameters={"galore": {"rank": 4}}, **TINY)
     assert [r["method"] for r in table] == [r["method"] for r in seen] == ["adamw", "galore"]
     for row in table:
@@ -112,17 +125,17 @@ def _no_training(monkeypatch):
 
 @pytest.mark.parametrize("call, message", [
     (lambda: pt.pretrain("nope", steps=2, **TINY), "unknown pretraining method 'nope'"),
-    (lambda: pt.compare(("adamw", "galore", "galorre"), steps=2, **TINY), "Did you mean 'galore'"),
+    (lambda: pt.compare_pretraining(("adamw", "galore", "galorre"), steps=2, **TINY), "Did you mean 'galore'"),
     (lambda: pt.pretrain("galore", steps=2, hyperparameters={"rnak": 4}, **TINY), "unknown hyperparameter"),
     (lambda: pt.pretrain("adamw", steps=2, hyperparameters={"rank": 4}, **TINY), "unknown hyperparameter"),
     (lambda: pt.pretrain("adamw", steps=0, **TINY), "steps=0"),
     (lambda: pt.pretrain("adamw", steps=2, lr=-1.0, **TINY), "lr=-1.0"),
     (lambda: pt.pretrain("adamw", steps=2, warmup=1.5, **TINY), "warmup=1.5"),
     (lambda: pt.pretrain("adamw", steps=2, hyperparameters={"lr": "fast"}, **TINY), "lr='fast'"),
-    (lambda: pt.compare(("adamw",), steps=2, hyperparameters={"adamw": {"eps": -1.0}}, **TINY), "epsilon"),
+    (lambda: pt.compare_pretraining(("adamw",), steps=2, hyperparameters={"adamw": {"eps": -1.0}}, **TINY), "epsilon"),
     (lambda: pt.pretrain("adamw", steps=2, dtype="int8", **TINY), "dtype='int8'"),
-    (lambda: pt.compare(("adamw", "adamw"), steps=2, **TINY), "repeated"),
-    (lambda: pt.compare(("adamw",), steps=2, hyperparameters={"galore": {}}, **TINY), "not among"),
+    (lambda: pt.compare_pretraining(("adamw", "adamw"), steps=2, **TINY), "repeated"),
+    (lambda: pt.compare_pretraining(("adamw",), steps=2, hyperparameters={"galore": {}}, **TINY), "not among"),
 ])
 def test_bad_input_fails_before_training(monkeypatch, call, message):
     _no_training(monkeypatch)
@@ -133,7 +146,7 @@ def test_bad_input_fails_before_training(monkeypatch, call, message):
 def test_unknown_method_lists_the_available_ones(monkeypatch):
     _no_training(monkeypatch)
     with pytest.raises(SubspacesError) as e:
-        pt.compare(("adamw", "not_a_method"), steps=2, **TINY)
+        pt.compare_pretraining(("adamw", "not_a_method"), steps=2, **TINY)
     for name in pt.available_methods():
         assert name in str(e.value)
     assert "adamw" in str(e.value) and "galore" in str(e.value)

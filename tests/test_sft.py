@@ -117,3 +117,10 @@ def test_lora_equals_peft_plus_trl(lm, task, tmp_path):
     assert len(mine) == len(theirs) == 20
     assert max(abs(a - b) for a, b in zip(mine, theirs)) <= 1e-4
     assert mine[-1] < mine[0]  # it trained
+
+
+def test_packing_puts_several_examples_in_a_sequence(lm, task):
+    kw = {**QUICK, "max_steps": None, "epochs": 1, "max_train": 32}
+    plain, *_ = finetune_lm(model=lm, task=task, method="lora", **kw)
+    packed, *_ = finetune_lm(model=lm, task=task, method="lora", packing=True, **kw)
+    assert plain["steps"] == 8 and packed["steps"] <= plain["steps"] // 2 and math.isfinite(packed["eval_loss"])

@@ -1,8 +1,8 @@
 """One generic registry per family: ``register(name, paper=URL, status=...)``, ``get`` with "did you mean"."""
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 from ._errors import SubspacesError, did_you_mean
@@ -18,6 +18,8 @@ class Entry:
     paper: str
     status: str
     note: str = ""
+    #: Per recipe (``"pretrain"``, ...), the hyperparameters and learning rate the method runs with there.
+    defaults: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 class Registry:
@@ -25,14 +27,15 @@ class Registry:
         self.family = family
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, *, paper: str, status: str = "complete", note: str = "") -> Callable:
+    def register(self, name: str, *, paper: str, status: str = "complete", note: str = "",
+                 defaults: Mapping[str, Mapping[str, Any]] | None = None) -> Callable:
         if status not in STATUSES:
             raise ValueError(f"status={status!r}; allowed: {STATUSES}")
 
         def deco(obj: Any) -> Any:
             if name in self._entries:
                 raise ValueError(f"{self.family} method {name!r} is registered twice")
-            self._entries[name] = Entry(self.family, name, obj, paper, status, note)
+            self._entries[name] = Entry(self.family, name, obj, paper, status, note, dict(defaults or {}))
             obj.registry_name = name
             return obj
 

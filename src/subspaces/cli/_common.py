@@ -25,15 +25,26 @@ def output_dir(out: Path | None, stem: str) -> Path:
     return out
 
 
+def new_console():
+    """A rich console; written to a file or a pipe (no terminal width to follow), 140 columns so that tables stay
+    readable in logs instead of wrapping at rich's default 80."""
+    import sys
+
+    from rich.console import Console
+
+    return Console() if sys.stdout.isatty() else Console(width=140)
+
+
 def results_table(rows: list[dict], title: str):
     from rich.table import Table
 
     table = Table(title=title)
     lm = rows[0].get("task_kind") == "causal-lm"
-    cols = ["method", "test acc", *(["held-out loss"] if lm else ["macro-F1"]), "trainable params", "state MB",
-            "time (s)", "peak MB"]
+    cols = ["method", "test acc", *(["flex acc", "held-out loss"] if lm else ["macro-F1"]), "trainable params",
+            "state MB", "time (s)", "peak MB"]
     for col in cols:  # the method spec wraps rather than being cut: it is the row's whole configuration
-        table.add_column(col, justify="left" if col == "method" else "right", overflow="fold")
+        table.add_column(col, justify="left" if col == "method" else "right", overflow="fold",
+                         no_wrap=col != "method")
     many = len(rows[0].get("seeds", ())) > 1
 
     def fmt(r, key):
@@ -42,8 +53,8 @@ def results_table(rows: list[dict], title: str):
         return f"{r[key]:.4f}" + (f" ± {r[key + '_std']:.4f}" if many and key + "_std" in r else "")
 
     for r in rows:
-        second = fmt(r, "eval_loss") if lm else fmt(r, "test_macro_f1")
-        table.add_row(r.get("label", r["method"]), fmt(r, "test_accuracy"), second, f"{r['trainable_params']:,}",
+        middle = [fmt(r, "test_accuracy_flexible"), fmt(r, "eval_loss")] if lm else [fmt(r, "test_macro_f1")]
+        table.add_row(r.get("label", r["method"]), fmt(r, "test_accuracy"), *middle, f"{r['trainable_params']:,}",
                       f"{r.get('optimizer_state_bytes', 0) / 2**20:.1f}", f"{r['wall_time_s']:.1f}",
                       f"{r['peak_memory_mb']:.0f}")
     return table

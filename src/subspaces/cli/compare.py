@@ -10,7 +10,7 @@ from .._errors import SubspacesError
 from . import app
 from ._common import (AnswerPattern, BatchSize, CompletionColumn, Data, Epochs, LabelColumn, MaxLength, MaxNewTokens,
                       MaxSteps, MessagesColumn, Model, Packing, PromptColumn, Split, Task, TestFraction, TextColumn,
-                      Validation, is_main_process, output_dir, results_table, task_and_options)
+                      Validation, is_main_process, new_console, output_dir, results_table, task_and_options)
 
 Opt = typer.Option
 
@@ -53,8 +53,6 @@ def compare(
     match, and the held-out loss of the completions), trainable parameters, optimizer state, wall time, peak memory.
     Writes results.json (config, versions, every run's metrics over steps), leaderboard.png, loss_curves.png and,
     for a causal LM, generations/ (prompt, reference, output)."""
-    from rich.console import Console
-
     from ..harness.compare import compare as run, parse_method
 
     spec, opts = task_and_options(locals())
@@ -63,7 +61,7 @@ def compare(
     if len(set(seed)) != len(seed):
         raise SubspacesError(f"--seed repeats a value: {seed}")
     out = output_dir(out, "compare")
-    console = Console()
+    console = new_console()
     main = is_main_process()
 
     def report(row: dict) -> None:

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
-from ._common import output_dir
+from ._common import new_console, output_dir
 
 Opt = typer.Option
 
@@ -51,8 +51,6 @@ def compress(
     calibrating on Python's documentation text, and measure perplexity on a held-out part of it. Writes the
     compressed model as a Hugging Face folder (out/model; reload with subspaces.compress.load_compressed, identical
     logits), the per-layer report as report.json and report.md (rank, parameters, weight and output error)."""
-    from rich.console import Console
-
     from ..harness._methods import parse_params
     from ..harness.compress import compress_lm
 
@@ -63,6 +61,6 @@ def compress(
     result = compress_lm(method, model=model, ratio=ratio, rank=rank, energy=energy, allocation=allocation,
                          hyperparameters=hp, calib_samples=calib_samples, seq_len=seq_len, eval_samples=eval_samples,
                          baseline=baseline, seed=seed, device=device, dtype=dtype, out=folder)
-    console = Console()
+    console = new_console()
     console.print(summary_table(result))
     console.print(f"wrote {folder}/model, report.json, report.md")

@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 import typer
 
 from . import app
+from ._common import new_console
 
 Opt = typer.Option
 
@@ -54,10 +55,9 @@ def extract_lora(
     weight error, or with --whiten in output error on calibration text), written as a PEFT LoRA folder OUT
     (peft.PeftModel.from_pretrained and subspaces.load_adapter load it onto BASE) with extract_lora.json (per-layer
     relative errors and any change a LoRA cannot carry)."""
-    import torch
-    from rich.console import Console
     from rich.table import Table
 
+    from .._device import parse_dtype, resolve_device
     from .._errors import SubspacesError
     from ..models import load_causal_lm
     from ..merge._shards import check_new_output
@@ -71,10 +71,8 @@ def extract_lora(
     for path in calibration_texts:
         if not path.is_file():
             raise SubspacesError(f"--calibration-texts {path}: no such file")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise SubspacesError(f"--dtype {dtype!r}; allowed: float32, bfloat16")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch_dtype = parse_dtype(dtype, allowed=("float32", "bfloat16"))
+    dev = resolve_device(device)
     sel = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
     base_model, _ = load_causal_lm(base, torch_dtype, dev)
     ft_model, tokenizer = load_causal_lm(finetuned, torch_dtype, dev)
@@ -88,5 +86,5 @@ def extract_lora(
     oerr = [r["output_error"] for r in rows if "output_error" in r]
     table.add_row(str(len(rows)), str(len(result.report) - len(rows)), f"{sum(werr) / len(werr):.4f}",
                   f"{max(werr):.4f}", f"{sum(oerr) / len(oerr):.4f}" if oerr else "-")
-    Console().print(table)
+    new_console().print(table)
     typer.echo(f"wrote {out} (adapter_model.safetensors, adapter_config.json, extract_lora.json)")

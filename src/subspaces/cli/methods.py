@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 from . import app
+from ._common import new_console
 
 
 @app.command("methods")
 def methods() -> None:
     """List every method: family, name, paper and implementation status."""
-    from rich.console import Console
     from rich.table import Table
 
     from .._registry import list_methods
@@ -16,7 +16,7 @@ def methods() -> None:
     rows = list_methods()
     for row in rows:
         table.add_row(row["family"], row["name"], row["paper"], row["status"])
-    console = Console()
+    console = new_console()
     console.print(table)
     for row in rows:
         if row["note"]:

@@ -8,7 +8,7 @@ import typer
 
 from .._errors import SubspacesError
 from . import app
-from ._common import is_main_process, output_dir
+from ._common import is_main_process, new_console, output_dir
 
 Opt = typer.Option
 
@@ -33,8 +33,8 @@ def pretrain(
     steps: Annotated[int, Opt(help="optimizer steps")] = 300,
     batch_size: Annotated[int, Opt(help="sequences per step")] = 16,
     seq_len: Annotated[int, Opt(help="bytes per sequence")] = 128,
-    lr: Annotated[Optional[float], Opt(help="peak learning rate (default per method: adamw 1e-3, galore/dct/random "
-                                            "1e-2, others 3e-3)")] = None,
+    lr: Annotated[Optional[float], Opt(help="peak learning rate (default: the method's own pretraining default, "
+                                            "kept with its registry entry; adamw 1e-3)")] = None,
     param: Annotated[list[str], Opt("--param", "-p", help="a hyperparameter of the method, key=value (repeatable), "
                                     "e.g. -p rank=32 -p update_every=100")] = [],
     compare: Annotated[bool, Opt("--compare", help="pretrain several methods on the same data and budget")] = False,
@@ -55,10 +55,8 @@ def pretrain(
     text with one optimizer, or with --compare several on the same data, seed and token budget. Prints the
     validation loss and perplexity, optimizer-state memory (also relative to AdamW), time per step and
     parameters; writes results.json, loss_curve.png and results.md."""
-    from rich.console import Console
-
     from ..harness._methods import parse_params
-    from ..harness.pretrain import COMPARE_METHODS, check_method, compare as run_compare, pretrain as run_one, \
+    from ..harness.pretrain import COMPARE_METHODS, check_method, compare_pretraining, pretrain as run_one, \
         rows as result_rows
 
     compare = compare or compare_methods is not None
@@ -70,7 +68,7 @@ def pretrain(
               eval_every=eval_every, eval_batches=eval_batches, seed=seed, model_kwargs=model_kwargs, device=device,
               dtype=dtype)
     main = is_main_process()
-    console = Console()
+    console = new_console()
     if compare:
         if method is not None:
             raise SubspacesError("--method names one run; with --compare list the methods in --compare-methods")
@@ -85,7 +83,7 @@ def pretrain(
             if main:
                 console.print(f"[bold]{row['method']}[/]: val loss {row['val_loss']:.4f}")
 
-        rows = run_compare(names, out=out if main else None, progress=main, on_result=report, **kw)
+        rows = compare_pretraining(names, out=out if main else None, progress=main, on_result=report, **kw)
         title = f"pretraining, {steps} steps of {batch_size}x{seq_len} bytes, seed {seed}"
     else:
         method = method or "adamw"

@@ -10,7 +10,7 @@ from .._errors import SubspacesError
 from . import app
 from ._common import (AnswerPattern, BatchSize, CompletionColumn, Data, Epochs, LabelColumn, MaxLength, MaxNewTokens,
                       MaxSteps, MessagesColumn, Model, Packing, PromptColumn, Split, Task, TestFraction, TextColumn,
-                      Validation, is_main_process, output_dir, results_table, task_and_options)
+                      Validation, is_main_process, new_console, output_dir, results_table, task_and_options)
 
 Opt = typer.Option
 
@@ -76,8 +76,6 @@ def tune(
     """Fine-tune one method on a task — text classification or a causal LM on prompt/completion data — evaluate
     it and save the result: an adapter (native and, when LoRA-shaped, PEFT format) or the trained weights,
     metrics.json and, for a causal LM, generations.jsonl. Works under `torchrun --nproc_per_node N`."""
-    from rich.console import Console
-
     from .. import save_adapter
     from .._io import atomic_dir, write_json, write_safetensors
     from ..harness.compare import DEFAULTS
@@ -117,6 +115,6 @@ def tune(
 
             (tmp / "generations.jsonl").write_text("".join(json.dumps(g, ensure_ascii=False) + "\n"
                                                            for g in generations), encoding="utf-8")
-    console = Console()
+    console = new_console()
     console.print(results_table([metrics], f"{method} on {spec.name} ({model})"))
     console.print(f"saved to {out}/")

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from ._sft import GSM8K_ANSWER, SFTTask, arithmetic_task, extract_answer
+from ._sft import GSM8K_ANSWER, SFTTask, arithmetic_task, extract_answer, last_number
 from ._stdlib import package_docstrings
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -42,6 +42,7 @@ __all__ = [
     "GSM8K_ANSWER",
     "arithmetic_task",
     "extract_answer",
+    "last_number",
     "DOCSTRING_PACKAGES",
     "PACKAGE_GROUPS",
     "TASKS",

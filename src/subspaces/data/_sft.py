@@ -54,6 +54,13 @@ def extract_answer(text: str, pattern: str | None) -> str | None:
     return answer
 
 
+def last_number(text: str) -> str | None:
+    """The last number in ``text``, normalized as :func:`extract_answer` does (lm-eval's "flexible extract" of
+    GSM8K); None when there is none."""
+    numbers = re.findall(r"-?\d[\d,]*(?:\.\d+)?", text)
+    return extract_answer(numbers[-1], None) if numbers else None
+
+
 # --------------------------------------------------------------------------- the embedded arithmetic task
 
 _NAMES = ("Ava", "Ben", "Chloe", "Diego", "Emma", "Farid", "Grace", "Hugo", "Ines", "Jack", "Kira", "Liam",
@@ -93,10 +100,11 @@ def _problem(rng: random.Random) -> tuple[str, str, int]:
     return q, f"{a} + {c} = {a + c}. {a + c} * {b} = {(a + c) * b}.", (a + c) * b
 
 
-def arithmetic_task(*, seed: int = 0, n_train: int = 1000, n_test: int = 200) -> SFTTask:
+def arithmetic_task(*, seed: int = 0, n_train: int = 400, n_test: int = 100) -> SFTTask:
     """GSM8K-style two-step word problems (six templates, numbers up to 19 and 9, answers up to 342) with a worked
     answer and ``#### N``. The problems are the same for every ``seed`` (generated once with a fixed generator,
-    each question once); ``seed`` picks the train / test split."""
+    each question once); ``seed`` picks the train / test split. The default size (one epoch = 50 steps of 8) keeps
+    zero-shot, LoRA, GaLore and full fine-tuning of SmolLM2-135M within 15 minutes on 2 CPU cores."""
     for n, what in ((n_train, "n_train"), (n_test, "n_test")):
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"{what}={n!r}: must be a positive integer")

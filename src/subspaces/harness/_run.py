@@ -50,8 +50,11 @@ def versions() -> dict[str, str]:
 
 
 def artifact_bytes(model: torch.nn.Module, kind: str) -> int:
-    """The size of what a user keeps from the run: the saved adapter (its files) for an adapter, else the model's
-    tensors as ``save_pretrained`` writes them (shared tensors once)."""
+    """The size of what a user keeps from the run: the saved adapter's files (``kind="adapter"``), the trained
+    tensors (``"trainable"``: a probe's head), or the model's tensors as ``save_pretrained`` writes them (shared
+    tensors once)."""
+    if kind == "trainable":
+        return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     if kind == "adapter":
         import subspaces as ss
 

@@ -19,7 +19,7 @@ DEFAULTS = {
     "classification": {"model": "minilm", "epochs": 3, "batch_size": 32, "max_length": 64},
     "causal-lm": {"model": "smollm2", "epochs": 1, "batch_size": 8, "max_length": 256},
 }
-AVERAGED = ("test_accuracy", "test_macro_f1", "eval_loss", "eval_perplexity", "wall_time_s", "peak_memory_mb",
+AVERAGED = ("test_accuracy", "test_accuracy_flexible", "test_macro_f1", "eval_loss", "eval_perplexity", "wall_time_s", "peak_memory_mb",
             "optimizer_state_bytes")
 
 
@@ -62,7 +62,7 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> None:
                             (axes[1], "peak_memory_mb", "peak memory (MB)")):
         for i, r in enumerate(rows):
             x, y = max(r[key], 1), r["test_accuracy"] if acc else r["eval_loss"]
-            ax.scatter(x, y, s=40, color=plt.cm.tab20(i % 20))
+            ax.scatter(x, y, s=40, color=plt.cm.tab10(i % 10))
             ax.annotate(r["label"], (x, y), textcoords="offset points", xytext=(5, 4), fontsize=9)
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -81,7 +81,7 @@ def plot_losses(runs: list[dict[str, Any]], path: Path, title: str) -> None:
     for r in runs:
         steps = [h["step"] for h in r["loss_history"]]
         if steps:
-            color = plt.cm.tab20(labels.index(r["label"]) % 20)
+            color = plt.cm.tab10(labels.index(r["label"]) % 10)
             ax.plot(steps, [h["loss"] for h in r["loss_history"]], color=color, alpha=0.8, lw=1,
                     label=r["label"] if r["seed"] == runs[0]["seed"] else None)
     ax.set_xlabel("step")

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from .._device import parse_dtype
 from .._errors import SubspacesError
 from ..models import load_causal_lm
 
@@ -95,9 +96,7 @@ def compress_lm(
     config = config_for(method, hyperparameters or {})  # bad hyperparameters fail before the model loads
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise SubspacesError(f"output {out} already exists and is not an empty folder; choose another")
-    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(dtype)
-    if torch_dtype is None:
-        raise SubspacesError(f"dtype={dtype!r}; allowed: float32, bfloat16")
+    torch_dtype = parse_dtype(dtype, allowed=("float32", "bfloat16"))
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     lm, tokenizer = load_causal_lm(model, torch_dtype, dev)
     calib_ids, eval_ids = corpus_split(tokenizer)

@@ -157,7 +157,8 @@ def finetune(
         "trainable_params": sum(p.numel() for p in clf.parameters() if p.requires_grad),
         "optimizer_state_bytes": ss.optim.state_bytes(opt),
         "wall_time_s": wall, "peak_memory_mb": mem.peak_bytes / 2**20, "memory": mem.stats(),
-        "artifact_bytes": artifact_bytes(clf, "adapter" if kind == "adapter" else "model"),
+        "artifact_bytes": artifact_bytes(clf, "adapter" if kind == "adapter" else
+                                         "trainable" if method == "probe" else "model"),
         "device": str(device), "world_size": args.world_size, "steps": trainer.state.global_step,
         "train_examples": len(train), "test_examples": len(test), "versions": versions(),
         "loss_history": history(trainer),

@@ -4,11 +4,13 @@ Data: the UTF-8 bytes of ``pydoc_corpus()`` (vocabulary 256); the last ``VAL_FRA
 tail, evaluated on the same evenly spaced windows every time; training draws random contiguous windows with a
 generator seeded by ``seed``. Model: ``tiny_llama(seed=seed, **model_kwargs)``. Optimizer: ``"adamw"`` is
 ``torch.optim.AdamW`` over every parameter; any other name is a registered train method built by
-``ss.optim.setup_`` (which may reparameterize the model first). Schedule (GaLore's recipe): linear warmup over
-``warmup`` of the steps, cosine decay to 10% of the peak, gradient clipping at 1.0.
+``ss.optim.setup_`` (which may reparameterize the model first). Schedule (GaLore's recipe, transformers'
+``get_cosine_with_min_lr_schedule_with_warmup``): linear warmup over ``warmup`` of the steps, cosine decay to 10%
+of the peak, gradient clipping at 1.0.
 
-Per-method defaults for this model are in ``DEFAULTS``; the rank of every low-rank method is a quarter of the
-hidden size (64 on the default hidden 256), the ratio of GaLore's 60M model (r=128, d=512).
+Per-method defaults for this recipe live with each method (``TRAIN`` registry entries, ``defaults["pretrain"]``);
+the rank of every low-rank method is a quarter of the hidden size (64 on the default hidden 256), the ratio of
+GaLore's 60M model (r=128, d=512).
 """
 from __future__ import annotations
 
@@ -21,21 +23,12 @@ from typing import Any
 
 import torch
 
-from .._device import resolve_device
+from .._device import parse_dtype, resolve_device
 from .._errors import SubspacesError, did_you_mean
 
 BASELINE = "adamw"
-# lr and hyperparameters per method for the tiny model; a key a method's config lacks is left out.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "adamw": {"lr": 1e-3},  # best of 5e-4, 1e-3, 3e-3, 1e-2 on the default 300-step run
-    "galore": {"lr": 1e-2, "scale": 0.25, "update_every": 200},  # the paper's 60M recipe
-    "dct": {"lr": 1e-2, "scale": 0.25},  # its own update_every default (cheap re-selection)
-    "random": {"lr": 1e-2, "scale": 0.25},
-    "sltrain": {"lr": 3e-3, "density": 0.03, "alpha": 32},  # SLTrain's 60M script
-    "sst": {"lr": 3e-3},
-    "restarts": {"lr": 3e-3},
-}
-OTHER_LR = 3e-3  # a registered method without an entry above
+BASELINE_LR = 1e-3  # best of 5e-4, 1e-3, 3e-3, 1e-2 on the default 300-step run
+OTHER_LR = 3e-3  # a registered method without pretraining defaults of its own
 RANK_DIVISOR = 4  # default rank = hidden_size // 4
 ADAMW_KEYS = ("betas", "eps", "amsgrad")
 COMPARE_METHODS = ("adamw", "galore", "dct", "random", "sltrain", "sst")
@@ -53,6 +46,15 @@ def available_methods() -> list[str]:
     return [BASELINE, *(e.name for e in TRAIN)]
 
 
+def defaults(method: str) -> dict[str, Any]:
+    """The learning rate and hyperparameters ``method`` pretrains with by default (its registry entry's)."""
+    if method == BASELINE:
+        return {"lr": BASELINE_LR}
+    from .._registry import TRAIN
+
+    return {"lr": OTHER_LR, **TRAIN.get(method).defaults.get("pretrain", {})}
+
+
 def check_method(method: str) -> None:
     valid = available_methods()
     if method not in valid:
@@ -65,7 +67,7 @@ def resolve(method: str, hyperparameters: dict[str, Any] | None, lr: float | Non
     validated without building anything. ``lr`` wins over ``hyperparameters["lr"]`` over the default."""
     check_method(method)
     user = dict(hyperparameters or {})
-    hp = dict(DEFAULTS.get(method, {"lr": OTHER_LR}))
+    hp = defaults(method)
     if method == BASELINE:
         unknown = sorted(set(user) - {"lr", *ADAMW_KEYS})
         if unknown:
@@ -107,16 +109,6 @@ def _check_positive(**values: Any) -> None:
     for name, v in values.items():
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise SubspacesError(f"{name}={v!r}: must be an integer >= 1")
-
-
-def _dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-             "float16": torch.float16, "fp16": torch.float16}
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype or torch.float32
-    if dtype not in names:
-        raise SubspacesError(f"dtype={dtype!r}: allowed {sorted(names)}")
-    return names[dtype]
 
 
 def _check_out(out: Path | None, ours: tuple[str, ...] = FILES) -> None:
@@ -163,17 +155,12 @@ def _evaluate(model: torch.nn.Module, val_batches: list[torch.Tensor]) -> float:
     return loss
 
 
-def schedule(steps: int, warmup: float):
-    """LR factor for step index s (0-based): linear warmup to 1, cosine decay to ``MIN_LR``."""
-    n_warm = math.ceil(warmup * steps)
+def schedule(opt: torch.optim.Optimizer, steps: int, warmup: float):
+    """transformers' linear warmup over ``warmup`` of the steps, then cosine decay to ``MIN_LR`` of the peak."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    def factor(s: int) -> float:
-        if s < n_warm:
-            return (s + 1) / n_warm
-        progress = (s - n_warm) / max(1, steps - n_warm)
-        return MIN_LR + (1 - MIN_LR) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+    return get_cosine_with_min_lr_schedule_with_warmup(opt, num_warmup_steps=math.ceil(warmup * steps),
+                                                       num_training_steps=steps, min_lr_rate=MIN_LR)
 
 
 # ---------------------------------------------------------------------------------------------- one run
@@ -221,7 +208,7 @@ def _prepare(method: str, **kw: Any) -> dict[str, Any]:
     hidden = model_kwargs.get("hidden_size", 256)
     lr, hp, config = resolve(method, kw.pop("hyperparameters"), kw.pop("lr"), hidden, kw["seed"])
     return {**kw, "method": method, "lr": lr, "hyperparameters": hp, "config": config,
-            "model_kwargs": model_kwargs, "device": resolve_device(kw["device"]), "dtype": _dtype(kw["dtype"])}
+            "model_kwargs": model_kwargs, "device": resolve_device(kw["device"]), "dtype": parse_dtype(kw["dtype"]) or torch.float32}
 
 
 def _build(run: dict[str, Any]) -> tuple[torch.nn.Module, torch.optim.Optimizer, int]:
@@ -263,7 +250,7 @@ def _train(run: dict[str, Any], progress: bool) -> dict[str, Any]:
     with torch.random.fork_rng(devices=devices):  # seeded methods (random supports, sampling) repeat; the
         torch.manual_seed(run["seed"])           # caller's global RNG is left as it was
         model, opt, adamw_bytes = _build(run)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule(steps, run["warmup"]))
+        sched = schedule(opt, steps, run["warmup"])
         params = [p for p in model.parameters() if p.requires_grad]
         curve = [{"step": 0, "tokens": 0, "train_loss": None, "val_loss": _evaluate(model, val_batches)}]
         losses: list[float] = []
@@ -340,7 +327,7 @@ class _Bar:
 
 
 # ---------------------------------------------------------------------------------------------- comparison
-def compare(methods: tuple[str, ...] | list[str] = COMPARE_METHODS, *,
+def compare_pretraining(methods: tuple[str, ...] | list[str] = COMPARE_METHODS, *,
             hyperparameters: dict[str, dict[str, Any]] | None = None, out: str | Path | None = None,
             progress: bool = True, on_result=None, **kw: Any) -> list[dict[str, Any]]:
     """Pretrain each method with the same seed, data order and token budget (``kw`` as for ``pretrain``;
@@ -386,7 +373,7 @@ def _run_kw(kw: dict[str, Any]) -> dict[str, Any]:
                     eval_batches=8, seed=0, model_kwargs=None, device=None, dtype=None, grad_clip=1.0)
     unknown = sorted(set(kw) - set(defaults))
     if unknown:
-        raise TypeError(f"compare() got unexpected keyword argument(s) {unknown}")
+        raise TypeError(f"compare_pretraining() got unexpected keyword argument(s) {unknown}")
     return {**defaults, **kw}
 
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 import sys
 import types
 
-from ._core import merge, parse_dtype, schema
+from .._device import parse_dtype
+from ._core import merge, schema
 from ._io import load_state_dict, open_model
 from ._shards import write_model
 from ._learned_inputs import task_vectors

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .._device import resolve_device
+from .._device import parse_dtype, resolve_device
 from .._errors import SubspacesError
 from .._registry import MERGE
 from ._io import Source, open_model
@@ -32,18 +32,6 @@ PER_MODEL = ("weights", "density")
 # Tensors larger than this are merged in blocks of rows when the method allows it (see _TensorMerge.streamed), so
 # the working set stays near (T + 2) blocks however large the embedding matrix is.
 BLOCK_ELEMENTS = 1 << 20
-_DTYPE_NAMES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-                "bfloat16": torch.bfloat16, "bf16": torch.bfloat16, "float64": torch.float64}
-
-
-def parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    if dtype not in _DTYPE_NAMES:
-        raise SubspacesError(f"dtype={dtype!r}; allowed: {', '.join(_DTYPE_NAMES)}")
-    return _DTYPE_NAMES[dtype]
-
-
 def schema(fn) -> dict[str, Any]:
     """The hyperparameters of a tensor-wise method: its keyword-only parameters and defaults (a leading underscore
     marks what the core fills in)."""

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .._errors import SubspacesError
 from .._registry import MERGE
-from ._core import parse_dtype
+from .._device import parse_dtype
 from ._io import Source, open_model
 from ._shards import check_new_output, write_model
 

@@ -65,7 +65,9 @@ def _size(shape: torch.Size | tuple[int, ...]) -> int:
     return shape[1] if side_of(shape) == "right" else shape[0]
 
 
-@TRAIN.register("dct", paper="https://arxiv.org/abs/2505.17967", status="complete",
+# pretrain defaults: GaLore's recipe; DCT keeps its own update_every (re-selection is cheap).
+@TRAIN.register("dct", paper="https://arxiv.org/abs/2505.17967",
+                defaults={"pretrain": {"lr": 1e-2, "scale": 0.25}}, status="complete",
                 note="options not implemented: error feedback (use_ef), Makhoul FFT similarity")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DCT(Projector):

@@ -28,7 +28,9 @@ from ._projector import Projector, State, side_of
 SVD_METHODS = ("exact", "randomized")
 
 
-@TRAIN.register("galore", paper="https://arxiv.org/abs/2403.03507")
+# pretrain defaults: the paper's 60M recipe (lr 0.01, scale 0.25, T = 200).
+@TRAIN.register("galore", paper="https://arxiv.org/abs/2403.03507",
+                defaults={"pretrain": {"lr": 1e-2, "scale": 0.25, "update_every": 200}})
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GaLore(Projector):
     """GaLore projector. ``svd``: ``"exact"`` (paper) or ``"randomized"`` (``oversample``, ``n_iter``)."""

@@ -34,7 +34,9 @@ def _size(shape: torch.Size | tuple[int, ...]) -> int:
     return shape[1] if side_of(shape) == "right" else shape[0]
 
 
-@TRAIN.register("random", paper="https://arxiv.org/abs/2412.05270", status="complete")
+# pretrain defaults: GaLore's recipe.
+@TRAIN.register("random", paper="https://arxiv.org/abs/2412.05270",
+                defaults={"pretrain": {"lr": 1e-2, "scale": 0.25}}, status="complete")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RandomProjector(Projector):
     """A seeded random projection (entries N(0, 1/r), redrawn every ``update_every`` steps): the cheap baseline.

@@ -154,7 +154,8 @@ def check_period(method: str, name: str, value: object) -> None:
         check_positive_int(method, name, value)
 
 
-@TRAIN.register("restarts", paper="https://arxiv.org/abs/2505.22922", status="partial",
+@TRAIN.register("restarts", paper="https://arxiv.org/abs/2505.22922",
+                defaults={"pretrain": {"lr": 3e-3}}, status="partial",
                 note="no LR re-warmup schedulers (cosine_restarts / quick recovery, optional in the paper)")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Restarts:

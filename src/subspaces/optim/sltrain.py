@@ -148,7 +148,9 @@ def sltrain_(model: nn.Module, config: SLTrain) -> list[str]:
     return [name for name, _ in chosen]
 
 
-@TRAIN.register("sltrain", paper="https://arxiv.org/abs/2406.02214", status="partial",
+# pretrain defaults: SLTrain's 60M script (lr 3e-3, δ = 0.03, α = 32).
+@TRAIN.register("sltrain", paper="https://arxiv.org/abs/2406.02214",
+                defaults={"pretrain": {"lr": 3e-3, "density": 0.03, "alpha": 32}}, status="partial",
                 note="no fused C++ kernel, 8-bit quantization or per-layer updates of the 7B experiments")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SLTrain:

@@ -220,7 +220,8 @@ class SSTOptimizer(Scheduled):
         self.generator.set_state(state["generator"].cpu().to(torch.uint8))
 
 
-@TRAIN.register("sst", paper="https://arxiv.org/abs/2405.15481", status="partial",
+@TRAIN.register("sst", paper="https://arxiv.org/abs/2405.15481",
+                defaults={"pretrain": {"lr": 3e-3}}, status="partial",
                 note="no LR warmup after resampling; not checked against the official code")
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SST:
