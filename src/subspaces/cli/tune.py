@@ -78,7 +78,7 @@ def tune(
     metrics.json and, for a causal LM, generations.jsonl. Works under `torchrun --nproc_per_node N`."""
     from .. import save_adapter
     from .._io import atomic_dir, write_json, write_safetensors
-    from ..harness.compare import DEFAULTS
+    from ..harness.compare import with_defaults, write_generations
     from ..harness.finetune import finetune
     from ..harness.sft import finetune_lm
     from ..harness._methods import check_method
@@ -86,9 +86,7 @@ def tune(
     spec, opts = task_and_options(locals())
     kind = check_method(method, spec.kind)
     hp = hyperparameters(param, rank, alpha, targets)
-    defaults = DEFAULTS[spec.kind]
-    opts = {**{k: v for k, v in defaults.items() if k != "model"}, **{k: v for k, v in opts.items() if v is not None}}
-    model = model or defaults["model"]
+    model, opts = with_defaults(spec.kind, model, opts)
     out = output_dir(out, f"tune-{method}")
     recipe = finetune_lm if spec.kind == "causal-lm" else finetune
     metrics, trained, *tokenizer = recipe(model=model, task=spec.load(seed), method=method, hyperparameters=hp,
@@ -111,10 +109,7 @@ def tune(
             write_safetensors(tmp / "weights.safetensors", {k: v.contiguous() for k, v in weights.items()})
         write_json(tmp / "metrics.json", metrics)
         if generations is not None:
-            import json
-
-            (tmp / "generations.jsonl").write_text("".join(json.dumps(g, ensure_ascii=False) + "\n"
-                                                           for g in generations), encoding="utf-8")
+            write_generations(tmp / "generations.jsonl", generations)
     console = new_console()
     console.print(results_table([metrics], f"{method} on {spec.name} ({model})"))
     console.print(f"saved to {out}/")

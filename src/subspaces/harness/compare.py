@@ -23,6 +23,12 @@ AVERAGED = ("test_accuracy", "test_accuracy_flexible", "test_macro_f1", "eval_lo
             "optimizer_state_bytes")
 
 
+def with_defaults(kind: str, model: str | None, options: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """(model, recipe options) of a task kind: the given ones, the kind's :data:`DEFAULTS` where unset (None)."""
+    given = {k: v for k, v in options.items() if v is not None}
+    return model or DEFAULTS[kind]["model"], {**{k: v for k, v in DEFAULTS[kind].items() if k != "model"}, **given}
+
+
 def score(row: dict[str, Any]) -> float:
     """The leaderboard's key: accuracy where the task has one, else minus the held-out loss."""
     acc = row.get("test_accuracy")
@@ -191,9 +197,7 @@ def compare(
     spec = TaskSpec(task) if isinstance(task, str) else task
     kind = spec.kind
     parsed = [(s, *parse_method(s, kind)) for s in methods]  # validate every spec before any work
-    run_kw = {k: v for k, v in run_kw.items() if v is not None}
-    run_kw = {**{k: v for k, v in DEFAULTS[kind].items() if k != "model"}, **run_kw}
-    model = model or DEFAULTS[kind]["model"]
+    model, run_kw = with_defaults(kind, model, run_kw)
     names = {name for _, name, _ in parsed}
     first, last = BASELINES[kind]
     if baselines and first not in names:
@@ -214,7 +218,7 @@ def compare(
             rows.append({"label": label, **metrics})
             if main:
                 if generations is not None:
-                    _write_generations(out / "generations" / f"{_slug(label)}-seed{seed}.jsonl", generations)
+                    write_generations(out / "generations" / f"{_slug(label)}-seed{seed}.jsonl", generations)
                 write_json(out / "results.json", {"config": config, "versions": versions(),
                                                   "leaderboard": summarize(rows), "runs": rows})
             if on_result is not None:
@@ -233,7 +237,8 @@ def _slug(label: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in label)
 
 
-def _write_generations(path: Path, rows: list[dict[str, Any]]) -> None:
+def write_generations(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON line per generation (prompt, reference, output, correct), written atomically."""
     import json
 
     with atomic_path(path) as tmp:
